@@ -81,7 +81,7 @@ def mixed_linf_cdf_by_quadrature(sigma, k, d):
 
     def cdf(a):
         a = np.asarray(a, dtype=np.float64)
-        below = cum[0] * (np.maximum(a, 0.0) / grid[0]) ** (d - k)
+        below = cum[0] * (np.clip(a, 0.0, grid[0]) / grid[0]) ** (d - k)
         return np.where(a < grid[0], below, np.interp(a, grid, cum, right=1.0))
 
     return cdf

@@ -1,0 +1,104 @@
+"""Samples per second of each smoothing family, and the mixed l_inf sampler against numpy/scipy.
+
+Two numpy/scipy baselines implement the same exact mixed l_inf construction
+(radius by tabulated inverse CDF, arg-max coordinate and sign uniform, the other
+coordinates truncated normals), in the same process and at the same d and batch:
+
+* ``scipy truncnorm``: the plain route, ``scipy.stats.truncnorm.rvs`` with per-row bounds.
+* ``numpy inversion``: hand-vectorised inversion ``ndtri(Phi(-t) + u (1/2 - Phi(-t)))``
+  in float64, the fastest plain numpy route we know.
+
+Usage:
+  python benchmarks/bench_samplers.py            # print the table
+  python benchmarks/bench_samplers.py --write    # also update benchmarks/RESULTS.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+
+import jax
+import numpy as np
+import scipy.special
+import scipy.stats
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from _common import command_line, machine, median_seconds, write_section  # noqa: E402
+
+from soapbubble import noise, tabulated_law  # noqa: E402
+
+
+def numpy_mixed_linf(rng, table, sigma, d, n, truncnorm_route):
+    """The mixed l_inf construction in numpy/scipy (float64)."""
+    # Radius: inverse CDF of the same float64 table, evaluated in numpy.
+    u = rng.random(n)
+    i = np.clip(np.searchsorted(table.cdf, u, side="right") - 1, 0, table.slope.size - 1)
+    w = (table.cdf[i + 1] - u) / (table.cdf[i + 1] - table.cdf[i])
+    width = np.where(i == 0, 1.0, np.diff(table.edges[1:], prepend=table.edges[1] - 1.0)[i])
+    decay = np.where(i == 0, 1.0, -np.expm1(-table.slope[i] * width))
+    s = table.edges[1:][i] + np.log1p(-w * decay) / table.slope[i]
+    t = np.exp(s)[:, None]
+    j = rng.integers(0, d, n)
+    sign = rng.choice([-1.0, 1.0], n)
+    if truncnorm_route:
+        x = scipy.stats.truncnorm.rvs(-t, t, size=(n, d), random_state=rng)
+    else:
+        lo = scipy.special.ndtr(-t)
+        v = rng.random((n, d)) * 2 - 1
+        x = np.copysign(-scipy.special.ndtri(lo + np.abs(v) * (0.5 - lo)), v)
+    x[np.arange(n), j] = sign * t[:, 0]
+    return sigma * x
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--d", type=int, default=3072)
+    parser.add_argument("--n", type=int, default=2000, help="samples per call (batch)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--write", action="store_true", help="update benchmarks/RESULTS.md")
+    args = parser.parse_args()
+    d, n = args.d, args.n
+    key = jax.random.key(0)
+    families = {
+        "Gaussian(0.5)": noise.Gaussian(0.5),
+        "L2Family(0.55, k=500)": noise.L2Family(0.55, 500.0),
+        "MixedLinf(0.52, k=250)": noise.MixedLinf(0.52, 250.0),
+        "PureLinf(0.01, k=250)": noise.PureLinf(0.01, 250.0),
+    }
+    rows = []
+    rates = {}
+    for label, family in families.items():
+        fn = jax.jit(lambda k, f=family: f.sample(k, n, (d,)))
+        sec = median_seconds(lambda: fn(key).block_until_ready(), args.repeats)
+        rates[label] = n / sec
+        rows.append((f"soapbubble {label}", n / sec))
+    table = noise.mixed_linf_radial_table(250.0, d)
+    rng = np.random.default_rng(0)
+    for label, route in (("numpy inversion (float64)", False), ("scipy truncnorm", True)):
+        m = n if not route else max(n // 10, 10)  # truncnorm is slow: time fewer rows
+        sec = median_seconds(lambda: numpy_mixed_linf(rng, table, 0.52, d, m, route), max(args.repeats // 2, 2))
+        rates[label] = m / sec
+        rows.append((f"MixedLinf(0.52, k=250), {label}", m / sec))
+    mixed = rates["MixedLinf(0.52, k=250)"]
+    lines = [
+        f"Samplers at d = {d}, {n} samples per call, median of {args.repeats} runs, one process.",
+        f"Machine: {machine()}.",
+        f"Command: `{command_line()}`",
+        "",
+        "| sampler | samples/s |",
+        "|---|---:|",
+        *[f"| {label} | {rate:,.0f} |" for label, rate in rows],
+        "",
+        f"Mixed l_inf, soapbubble / numpy inversion: **{mixed / rates['numpy inversion (float64)']:.1f}x**; "
+        f"soapbubble / scipy truncnorm: **{mixed / rates['scipy truncnorm']:.1f}x**.",
+    ]
+    body = "## Samplers (issue 3)\n\n" + "\n".join(lines)
+    print(body)
+    if args.write:
+        write_section("samplers", body)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,587 @@
+"""The dual bound by Monte Carlo (MATH.md sections 2-3), compiled with jax.
+
+For a family ``pi0``, an attack (``"l2"`` or ``"linf"``) and a radius ``r``, the
+worst-case perturbation ``delta*`` is known in closed form:
+
+==========================  =======  =====================================================
+family                      attack   worst case
+==========================  =======  =====================================================
+Gaussian, L2Family          l2       ``delta* = r e1`` (Theorem 2)
+Gaussian, L2Family          linf     the l2 attack at radius ``r sqrt(d)`` (Theorem 3)
+MixedLinf                   linf     ``delta* = r (1, ..., 1)`` (Theorem 5)
+MixedLinf                   l2       refused: no theorem gives the worst case
+PureLinf                    any      refused: no worst case is proven; use MixedLinf
+==========================  =======  =====================================================
+
+With ``W = pi0(z - delta*) / pi0(z)``, ``z ~ pi0``, and ``D(lam) = E[(lam - W)_+]``,
+the smoothed probability of the top class anywhere in the ball is at least
+``V_r(p) = max_lam lam p - D(lam)`` (Theorem 1), where ``p`` is a lower bound on
+its probability at the input.
+
+``log W`` depends on ``z`` only through a few per-sample statistics
+(:class:`L2RatioStats`: ``(rho, z1)``; :class:`MixedLinfRatioStats`: ``(||z||_inf,
+max z, min z, sum z)``), drawn once and reused for every radius and every lambda.
+``D`` is estimated on a whole lambda grid from one sort per radius, and made
+sound with a one-sided DKW bound: since ``D(lam) = int_0^lam F_W(t) dt``,
+``sup_t F_W(t) - F_hat(t) <= eps`` gives ``D(lam) <= D_hat(lam) + lam eps`` for
+every lambda at once, with probability ``1 - alpha_d`` over the samples.
+
+Precision: every function here computes in float64 (inside
+``jax.enable_x64(True)``, whatever the global flag) and returns float64 arrays;
+the MixedLinf samples are drawn in float64 too. Use the results through these
+functions or convert them with ``numpy.asarray``: with x64 disabled, jax
+operations outside would truncate them to float32.
+
+Example:
+  >>> import jax
+  >>> from soapbubble import noise
+  >>> import jax.numpy as jnp
+  >>> from soapbubble.bounds import dual
+  >>> family = noise.Gaussian(sigma=0.5)
+  >>> curve = dual.dual_curve(jax.random.key(0), family, 16, "l2", r=0.25,
+  ...                         lambdas=jnp.geomspace(0.05, 20.0, 401), n_samples=100_000)
+  >>> v = dual.lower_bound(0.9, curve)  # Cohen et al.: Phi(Phi^-1(0.9) - 0.5) = 0.7828
+  >>> 0.76 < float(v) <= 0.7828
+  True
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import operator
+from typing import Any, NamedTuple, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from soapbubble import noise
+from soapbubble.bounds import stats as stats_lib
+
+__all__ = [
+    "L2RatioStats",
+    "MixedLinfRatioStats",
+    "RatioStats",
+    "DualCurve",
+    "ratio_statistics",
+    "log_ratio",
+    "dual_curve",
+    "dual_curve_from_stats",
+    "lower_bound",
+]
+
+Array = jax.Array
+
+_F64 = jnp.float64
+_U = 2.0**-53  # unit roundoff of float64
+
+# Relative slack added to d_upper (times lambda) on top of lam * eps, so that float64
+# rounding never makes the bound optimistic: it covers rounding of the statistics
+# (float64 sums of d coordinates), of log W and exp, and of lam m - S(m) (each well
+# below 1e-8 relative for d <= 1e6); the prefix sums add n * 2^-53 (see _slack).
+_ROUNDING_SLACK = 1e-7
+
+
+class L2RatioStats(NamedTuple):
+    """Per-sample statistics of ``z ~ pi0`` for Gaussian and L2Family (float64).
+
+    Attributes:
+      rho: ``(n,)`` ``||z||_2``.
+      z1: ``(n,)`` the first coordinate of ``z``.
+    """
+
+    rho: Array
+    z1: Array
+
+
+class MixedLinfRatioStats(NamedTuple):
+    """Per-sample statistics of ``z ~ pi0`` for MixedLinf (float64).
+
+    Attributes:
+      linf: ``(n,)`` ``||z||_inf``.
+      zmax: ``(n,)`` ``max_i z_i``.
+      zmin: ``(n,)`` ``min_i z_i``.
+      zsum: ``(n,)`` ``sum_i z_i``.
+    """
+
+    linf: Array
+    zmax: Array
+    zmin: Array
+    zsum: Array
+
+
+#: The statistics of either kind, as returned by :func:`ratio_statistics`.
+RatioStats = Union[L2RatioStats, MixedLinfRatioStats]
+
+
+class DualCurve(NamedTuple):
+    """Estimated ``D(lam) = E[(lam - W)_+]`` on a lambda grid, with a sound upper bound.
+
+    Attributes:
+      lambdas: ``(L,)`` float64, the lambda grid.
+      d_hat: ``(L,)`` for a scalar radius or ``(m, L)`` for ``m`` radii, float64:
+        the Monte Carlo estimate ``D_hat(lam)``.
+      d_upper: same shape, float64: ``min(D_hat + lam (eps + rounding slack), lam)``;
+        for each radius, ``D(lam) <= d_upper(lam)`` for all lambdas at once with
+        probability ``>= 1 - alpha_d`` over the samples.
+      epsilon: scalar float64, the one-sided DKW ``eps = sqrt(log(1/alpha_d) / (2 n))``
+        (for ``alpha_d > 1/2`` the larger eps of level 1/2: Massart's one-sided bound
+        is proven for levels up to 1/2).
+    """
+
+    lambdas: Array
+    d_hat: Array
+    d_upper: Array
+    epsilon: Array
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _concrete(x: Any) -> np.ndarray | None:
+    """Host float64 value of ``x``, or None when it is traced (checks then fall to the caller)."""
+    try:
+        return np.asarray(x, dtype=np.float64)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return None
+
+
+def _check_attack(attack: Any) -> str:
+    if attack not in ("l2", "linf"):
+        raise ValueError(f"attack must be 'l2' or 'linf', got {attack!r}")
+    return attack
+
+
+def _stats_kind(family: Any, attack: str) -> str:
+    """Which statistics certify ``attack`` with ``family``: "l2" or "mixed" (or raise)."""
+    attack = _check_attack(attack)
+    if isinstance(family, noise.PureLinf):
+        raise ValueError(
+            "no worst-case perturbation is proven for the pure l_inf family; certify with MixedLinf"
+        )
+    if isinstance(family, noise.MixedLinf):
+        if attack == "l2":
+            raise ValueError(
+                "no worst-case perturbation is proven for an l2 attack on the MixedLinf family"
+                " (Theorem 5 covers the l_inf attack only, and no theorem gives the l2 worst case);"
+                " certify l2 attacks with Gaussian or L2Family"
+            )
+        return "mixed"
+    if isinstance(family, (noise.Gaussian, noise.L2Family)):
+        return "l2"
+    raise TypeError(
+        f"family must be a Gaussian, L2Family or MixedLinf instance, got {type(family).__name__}"
+    )
+
+
+def _check_count(value: Any, name: str) -> int:
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    try:
+        value = operator.index(value)
+    except TypeError as e:
+        raise TypeError(f"{name} must be an int, got {value!r}") from e
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return value
+
+
+def _check_alpha(alpha_d: Any) -> float:
+    try:
+        alpha = float(alpha_d)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"alpha_d must be a real number, got {alpha_d!r}") from e
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha_d must be in (0, 1), got {alpha_d!r}")
+    return alpha
+
+
+def _check_radius(r: Any, max_ndim: int) -> None:
+    value = _concrete(r)
+    if value is None:
+        return
+    if value.ndim > max_ndim:
+        allowed = "a scalar" if max_ndim == 0 else "a scalar or a 1-D array"
+        raise ValueError(f"r must be {allowed}, got shape {value.shape}")
+    if value.size == 0 or not np.all(np.isfinite(value)) or not np.all(value >= 0):
+        raise ValueError(f"r must be finite and >= 0 (non-empty), got {r!r}")
+
+
+def _check_lambdas(lambdas: Any) -> None:
+    value = _concrete(lambdas)
+    if value is None:
+        return
+    bad = value.ndim != 1 or value.size == 0
+    if bad or not np.all(np.isfinite(value)) or not np.all(value > 0):
+        raise ValueError(
+            f"lambdas must be a non-empty array of finite values > 0 (1-D), got {lambdas!r}"
+        )
+
+
+def _check_p(p: Any) -> None:
+    value = _concrete(p)
+    if value is None:
+        return
+    if not np.all(np.isfinite(value)) or not np.all((value >= 0) & (value <= 1)):
+        raise ValueError(f"p must be in [0, 1], got {p!r}")
+
+
+def _check_stats(stats: Any, kind: str) -> tuple:
+    expected = L2RatioStats if kind == "l2" else MixedLinfRatioStats
+    if not isinstance(stats, expected):
+        raise TypeError(
+            f"stats must be {expected.__name__} for this family, got {type(stats).__name__}"
+        )
+    shapes = {jnp.shape(x) for x in stats}
+    if len(shapes) != 1 or len(next(iter(shapes))) != 1 or next(iter(shapes))[0] < 1:
+        raise ValueError(f"stats must hold equal non-empty 1-D arrays, got shapes {sorted(shapes)}")
+    return tuple(jnp.asarray(x, _F64) for x in stats)
+
+
+def _sampler_tv(family, kind: str, d: int) -> float:
+    # The mixed l_inf sampler draws ||z||_inf from a table whose law is within
+    # tv_bound (total variation) of the true one; every CDF the DKW bound speaks
+    # of moves by at most that much. The l2 statistics are exact (gamma, normal).
+    return noise.mixed_linf_radial_table(family.k, d).tv_bound if kind == "mixed" else 0.0
+
+
+def _slack(n: int) -> float:
+    return _ROUNDING_SLACK + 2.0 * n * _U
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+@functools.partial(jax.jit, static_argnames=("n", "d"))
+def _l2_stats(family, key, n, d):
+    k_r, k_g, k_c = jax.random.split(key, 3)
+    rho = family.sample_radius(k_r, n, d, dtype=_F64)
+    g = jax.random.normal(k_g, (n,), _F64)
+    if d == 1:
+        u1 = jnp.sign(g)
+    else:
+        # u1 = g / sqrt(g^2 + chi2_{d-1}) is the first coordinate of a uniform unit
+        # vector ((u1+1)/2 ~ Beta((d-1)/2, (d-1)/2)), with no cancellation near 0.
+        c = 2.0 * jax.random.gamma(k_c, jnp.asarray((d - 1) / 2, _F64), (n,), _F64)
+        u1 = g / jnp.sqrt(g * g + c)
+    return L2RatioStats(rho=rho, z1=rho * u1)
+
+
+@functools.partial(jax.jit, static_argnames=("n", "d", "batch"))
+def _mixed_stats(family, key, n, d, batch):
+    n_batches = -(-n // batch)
+
+    def one_batch(k):
+        z = family.sample(k, batch, (d,), dtype=_F64)
+        zmax = jnp.max(z, axis=1)
+        zmin = jnp.min(z, axis=1)
+        return jnp.maximum(zmax, -zmin), zmax, zmin, jnp.sum(z, axis=1)
+
+    # Sequential over batches: memory is batch * d, not n * d.
+    out = jax.lax.map(one_batch, jax.random.split(key, n_batches))
+    # The surplus of the last batch is dropped, so exactly n samples remain.
+    return MixedLinfRatioStats(*(x.reshape(-1)[:n] for x in out))
+
+
+def ratio_statistics(
+    key: Array, family: Any, d: int, attack: str, n_samples: int, *, batch_size: int = 1024
+) -> RatioStats:
+    """Draws the per-sample statistics that determine ``log W`` for every radius.
+
+    Gaussian / L2Family: ``rho = ||z||_2`` from ``family.sample_radius`` and
+    ``z1 = rho u1`` with ``u1`` the first coordinate of a uniform unit vector
+    (drawn as ``g / sqrt(g^2 + chi2_{d-1})``); no d-dimensional array is formed.
+
+    MixedLinf: ``family.sample`` in batches of ``min(batch_size, n_samples)``
+    rows, sequentially (memory ``batch_size * d``); batch ``i`` is
+    ``family.sample(jax.random.split(key, n_batches)[i], batch, (d,), float64)``
+    and the surplus rows of the last batch are dropped.
+
+    Args:
+      key: PRNG key.
+      family: ``Gaussian``, ``L2Family`` or ``MixedLinf`` (PureLinf is refused).
+      d: input dimension (``family.k < d``).
+      attack: ``"l2"`` or ``"linf"`` (MixedLinf only certifies ``"linf"``).
+      n_samples: number of samples ``n >= 1``.
+      batch_size: rows per batch for MixedLinf (>= 1).
+
+    Returns:
+      :class:`L2RatioStats` or :class:`MixedLinfRatioStats` of ``(n,)`` float64 arrays.
+
+    Raises:
+      ValueError: bad ``attack``, ``n_samples``, ``batch_size``, ``d`` (``k < d``), or a
+        family/attack pair without a proven worst case.
+
+    Example:
+      >>> stats = ratio_statistics(jax.random.key(0), noise.MixedLinf(0.5, 4.0), 8, "linf", 100)
+      >>> stats.zsum.shape
+      (100,)
+    """
+    kind = _stats_kind(family, attack)
+    n = _check_count(n_samples, "n_samples")
+    batch = _check_count(batch_size, "batch_size")
+    d = family.check_dimension(d)
+    with jax.enable_x64(True):
+        if kind == "l2":
+            return _l2_stats(family, key, n, d)
+        return _mixed_stats(family, key, n, d, min(batch, n))
+
+
+# --------------------------------------------------------------------------- log W
+
+
+def _log_w(kind, attack, family, stats, d, r):
+    """log W at a scalar radius ``r`` (float64; traced ``r`` allowed)."""
+    sigma2 = jnp.asarray(family.sigma, _F64) ** 2
+    k = family.k
+    if kind == "l2":
+        rho, z1 = stats
+        if attack == "linf":
+            r = r * math.sqrt(d)  # Theorem 3
+        s = r * r - 2.0 * r * z1  # ||z - r e1||^2 - ||z||^2
+        out = -s / (2.0 * sigma2)
+        if k:
+            # Rounding may push s / rho^2 below its true minimum -1; never below.
+            out = out - 0.5 * k * jnp.log1p(jnp.maximum(s / (rho * rho), -1.0))
+    else:
+        linf, zmax, zmin, zsum = stats
+        out = -(d * r * r - 2.0 * r * zsum) / (2.0 * sigma2)
+        if k:
+            shifted = jnp.maximum(zmax - r, r - zmin)  # ||z - r 1||_inf
+            out = out - k * (jnp.log(shifted) - jnp.log(linf))
+    # delta = 0 gives W = 1 exactly, also at z = 0 where the formula is 0/0.
+    return jnp.where(r == 0, 0.0, out)
+
+
+def log_ratio(family: Any, stats: RatioStats, d: int, attack: str, r: Any) -> Array:
+    """``log W = log pi0(z - delta*) - log pi0(z)`` per sample, at one radius.
+
+    l2 family (``delta* = r e1``, ``s = r^2 - 2 r z1``):
+    ``log W = -(k/2) log1p(s / rho^2) - s / (2 sigma^2)``; the linf attack uses
+    radius ``r sqrt(d)``. MixedLinf (``delta* = r 1``):
+    ``log W = -k (log ||z - delta||_inf - log ||z||_inf) - (d r^2 - 2 r sum z) / (2 sigma^2)``
+    with ``||z - delta||_inf = max(max z - r, r - min z)``.
+
+    Args:
+      family: the family the statistics were drawn from.
+      stats: from :func:`ratio_statistics` with the same family, ``d`` and ``attack``.
+      d: input dimension.
+      attack: ``"l2"`` or ``"linf"``.
+      r: scalar radius ``>= 0``; may be traced (e.g. ``jax.vmap`` over radii gives ``(m, n)``).
+
+    Returns:
+      ``(n,)`` float64; ``+inf`` where ``z = delta*`` and ``-inf`` at ``z = 0`` when
+      ``k > 0``, never NaN.
+
+    Example:
+      >>> fam = noise.Gaussian(1.0)
+      >>> st = ratio_statistics(jax.random.key(0), fam, 4, "l2", 3)
+      >>> log_ratio(fam, st, 4, "l2", 0.5).shape
+      (3,)
+    """
+    kind = _stats_kind(family, attack)
+    d = family.check_dimension(d)
+    _check_radius(r, 0)
+    with jax.enable_x64(True):
+        stats = _check_stats(stats, kind)
+        return _log_w(kind, attack, family, stats, d, jnp.asarray(r, _F64))
+
+
+# --------------------------------------------------------------------------- dual curve
+
+
+@functools.partial(jax.jit, static_argnames=("kind", "attack", "d"))
+def _curve_core(family, stats, radii, lambdas, eps, slack, kind, attack, d):
+    n = stats[0].shape[0]
+    num_lambdas = lambdas.shape[0]
+    order = jnp.argsort(lambdas)
+    log_lam = jnp.log(lambdas[order])  # ascending
+
+    def one_radius(r):
+        lw = _log_w(kind, attack, family, stats, d, r)
+        # Sample i enters D_hat(lam_j) iff log W_i < log lam_j, i.e. iff j >= b_i: a
+        # histogram over the sorted grid plus a cumulative sum gives m(lam) and
+        # S(m(lam)) for the whole grid. This is the sorted-prefix-sum formula with
+        # O(n log L) work instead of a sort of n values per radius.
+        b = jnp.searchsorted(log_lam, lw, side="right")
+        # Samples with W >= lam_max never enter; capping keeps exp finite.
+        w = jnp.where(b < num_lambdas, jnp.exp(jnp.minimum(lw, log_lam[-1])), 0.0)
+        m = jnp.cumsum(jax.ops.segment_sum(jnp.ones_like(w), b, num_lambdas + 1))[:num_lambdas]
+        s = jnp.cumsum(jax.ops.segment_sum(w, b, num_lambdas + 1))[:num_lambdas]
+        d_hat = (lambdas[order] * m - s) / n
+        d_hat = jnp.maximum(d_hat, 0.0)  # D >= 0; rounding only ever raises it here
+        return jnp.zeros_like(d_hat).at[order].set(d_hat)
+
+    d_hat = jax.lax.map(one_radius, radii)
+    d_upper = jnp.minimum(d_hat + lambdas * (eps + slack), lambdas)
+    return d_hat, d_upper
+
+
+def dual_curve_from_stats(
+    family: Any,
+    stats: RatioStats,
+    d: int,
+    attack: str,
+    r: Any,
+    lambdas: Any,
+    *,
+    alpha_d: float = 1e-3,
+) -> DualCurve:
+    """The dual curve ``D(lam)`` from statistics already drawn (see :func:`dual_curve`).
+
+    One compiled program: per radius, each ``log W`` is located in the sorted
+    lambda grid (``searchsorted``) and a histogram of counts and of ``W`` with
+    cumulative sums gives ``m(lam)`` and ``S(m(lam))`` for the whole grid
+    (``O(n log L)``; the same numbers as sorting ``W``, faster than a sort).
+    New lambdas, radii (same shapes), ``sigma`` or ``alpha_d`` do not recompile.
+
+    Args:
+      family, stats, d, attack: as for :func:`log_ratio`.
+      r: radius ``>= 0``, scalar or ``(m,)``.
+      lambdas: ``(L,)`` grid, finite and ``> 0`` (any order).
+      alpha_d: failure probability of each radius' curve, in ``(0, 1)``.
+
+    Returns:
+      :class:`DualCurve` with ``d_hat``/``d_upper`` of shape ``(L,)`` or ``(m, L)``.
+
+    Example:
+      >>> fam = noise.Gaussian(1.0)
+      >>> st = ratio_statistics(jax.random.key(0), fam, 4, "l2", 1000)
+      >>> dual_curve_from_stats(fam, st, 4, "l2", jnp.array([0.1, 0.2]),
+      ...                       jnp.array([0.5, 1.0, 2.0])).d_upper.shape
+      (2, 3)
+    """
+    kind = _stats_kind(family, attack)
+    d = family.check_dimension(d)
+    alpha = _check_alpha(alpha_d)
+    _check_radius(r, 1)
+    _check_lambdas(lambdas)
+    with jax.enable_x64(True):
+        stats = _check_stats(stats, kind)
+        n = stats[0].shape[0]
+        radii = jnp.asarray(r, _F64)
+        lams = jnp.asarray(lambdas, _F64)
+        eps = float(stats_lib.dkw_epsilon(n, alpha))
+        d_hat, d_upper = _curve_core(
+            family,
+            stats,
+            jnp.atleast_1d(radii),
+            lams,
+            jnp.asarray(eps, _F64),
+            jnp.asarray(_slack(n) + _sampler_tv(family, kind, d), _F64),
+            kind=kind,
+            attack=attack,
+            d=d,
+        )
+        if radii.ndim == 0:
+            d_hat, d_upper = d_hat[0], d_upper[0]
+        return DualCurve(lambdas=lams, d_hat=d_hat, d_upper=d_upper, epsilon=jnp.asarray(eps, _F64))
+
+
+def dual_curve(
+    key: Array,
+    family: Any,
+    d: int,
+    attack: str,
+    r: Any,
+    lambdas: Any,
+    n_samples: int,
+    *,
+    alpha_d: float = 1e-3,
+    batch_size: int = 1024,
+) -> DualCurve:
+    """Monte Carlo estimate of ``D(lam) = E[(lam - W)_+]`` with a sound upper bound.
+
+    ``D_hat(lam) = (lam m(lam) - S(m(lam))) / n`` with ``m(lam) = #{W < lam}`` and
+    ``S`` the prefix sums of the sorted ``W``. With ``eps = sqrt(log(1/alpha_d) / (2 n))``
+    (one-sided DKW), ``D(lam) <= d_upper(lam) = min(D_hat + lam eps, lam)`` holds for
+    all lambdas at once with probability ``>= 1 - alpha_d``, because
+    ``D(lam) = int_0^lam F_W(t) dt`` (``d_upper`` also adds a ``1e-7 lam`` float slack).
+
+    For an array of ``m`` radii the statistics are drawn once and serve every radius,
+    so the curves are dependent: EACH radius' curve holds with probability
+    ``1 - alpha_d``. A claim about all radii at once needs a union bound: pass
+    ``alpha_d / m`` (the caller splits its alpha).
+
+    Args:
+      key: PRNG key.
+      family: ``Gaussian``, ``L2Family`` or ``MixedLinf``.
+      d: input dimension.
+      attack: ``"l2"`` or ``"linf"``.
+      r: radius ``>= 0``, scalar or ``(m,)``.
+      lambdas: ``(L,)`` grid, finite and ``> 0``.
+      n_samples: Monte Carlo samples (>= 1).
+      alpha_d: failure probability of each radius' curve, in ``(0, 1)``.
+      batch_size: rows per batch of d-dimensional samples (MixedLinf).
+
+    Returns:
+      :class:`DualCurve`; ``d_hat`` and ``d_upper`` have shape ``(L,)`` or ``(m, L)``.
+
+    Example:
+      >>> c = dual_curve(jax.random.key(0), noise.MixedLinf(0.5, 4.0), 8, "linf",
+      ...                jnp.array([0.01, 0.02]), jnp.geomspace(0.1, 10.0, 5), 1000)
+      >>> c.d_upper.shape
+      (2, 5)
+    """
+    stats = ratio_statistics(key, family, d, attack, n_samples, batch_size=batch_size)
+    return dual_curve_from_stats(family, stats, d, attack, r, lambdas, alpha_d=alpha_d)
+
+
+# --------------------------------------------------------------------------- lower bound
+
+# Elements per chunk of the (p, curve, lambda) grid that lower_bound materialises.
+_CHUNK_ELEMENTS = 1 << 22
+
+
+@functools.partial(jax.jit, static_argnames=("chunk",))
+def _lower_core(p_flat, lambdas, d_upper, chunk):
+    # 4 u lam bounds the float64 rounding of lam p - d_upper (both <= lam).
+    safe_lambdas = lambdas * (1.0 - 4.0 * _U)
+    rounding = 4.0 * _U * lambdas
+
+    def one_p(p):
+        return jnp.max(safe_lambdas * p - d_upper - rounding, axis=-1)
+
+    v = jax.lax.map(one_p, p_flat, batch_size=chunk)  # (P, B)
+    return jnp.maximum(v, 0.0).T
+
+
+def lower_bound(p: Any, curve: DualCurve) -> Array:
+    """Certified lower bound ``V_r(p) = max(0, max_lam lam p - d_upper(lam))``.
+
+    Sound whenever ``p`` lower-bounds the top-class probability and ``d_upper``
+    upper-bounds ``D`` (probability ``1 - alpha_d`` per curve); rounding is
+    accounted for, so the result is never rounded up. The maximum is over the
+    lambda grid only, which can only lower the bound.
+
+    Args:
+      p: probabilities in ``[0, 1]``, any shape.
+      curve: a :class:`DualCurve` with ``d_upper`` of shape ``(*batch, L)``.
+
+    Returns:
+      float64 array of shape ``(*batch, *p.shape)``.
+
+    Example:
+      >>> c = dual_curve(jax.random.key(0), noise.Gaussian(1.0), 8, "l2",
+      ...                jnp.array([0.1, 0.2]), jnp.geomspace(0.1, 10.0, 101), 10_000)
+      >>> lower_bound(jnp.array([0.6, 0.9]), c).shape
+      (2, 2)
+    """
+    _check_p(p)
+    _check_lambdas(curve.lambdas)
+    with jax.enable_x64(True):
+        p = jnp.asarray(p, _F64)
+        lambdas = jnp.asarray(curve.lambdas, _F64)
+        d_upper = jnp.asarray(curve.d_upper, _F64)
+        if d_upper.ndim < 1 or d_upper.shape[-1] != lambdas.shape[0]:
+            raise ValueError(
+                f"curve.d_upper must have shape (..., L) with L = {lambdas.shape[0]},"
+                f" got {d_upper.shape}"
+            )
+        batch_shape = d_upper.shape[:-1]
+        flat = d_upper.reshape((-1, lambdas.shape[0]))
+        p_flat = p.reshape(-1)
+        chunk = max(1, min(p_flat.shape[0], _CHUNK_ELEMENTS // flat.size))
+        v = _lower_core(p_flat, lambdas, flat, chunk=chunk)
+        return v.reshape(batch_shape + p.shape)
