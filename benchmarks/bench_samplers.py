@@ -21,35 +21,13 @@ import sys
 
 import jax
 import numpy as np
-import scipy.special
-import scipy.stats
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from _common import command_line, machine, median_seconds, write_section  # noqa: E402
 
-from soapbubble import noise, tabulated_law  # noqa: E402
+from numpy_reference import mixed_linf_samples  # noqa: E402
 
-
-def numpy_mixed_linf(rng, table, sigma, d, n, truncnorm_route):
-    """The mixed l_inf construction in numpy/scipy (float64)."""
-    # Radius: inverse CDF of the same float64 table, evaluated in numpy.
-    u = rng.random(n)
-    i = np.clip(np.searchsorted(table.cdf, u, side="right") - 1, 0, table.slope.size - 1)
-    w = (table.cdf[i + 1] - u) / (table.cdf[i + 1] - table.cdf[i])
-    width = np.where(i == 0, 1.0, np.diff(table.edges[1:], prepend=table.edges[1] - 1.0)[i])
-    decay = np.where(i == 0, 1.0, -np.expm1(-table.slope[i] * width))
-    s = table.edges[1:][i] + np.log1p(-w * decay) / table.slope[i]
-    t = np.exp(s)[:, None]
-    j = rng.integers(0, d, n)
-    sign = rng.choice([-1.0, 1.0], n)
-    if truncnorm_route:
-        x = scipy.stats.truncnorm.rvs(-t, t, size=(n, d), random_state=rng)
-    else:
-        lo = scipy.special.ndtr(-t)
-        v = rng.random((n, d)) * 2 - 1
-        x = np.copysign(-scipy.special.ndtri(lo + np.abs(v) * (0.5 - lo)), v)
-    x[np.arange(n), j] = sign * t[:, 0]
-    return sigma * x
+from soapbubble import noise  # noqa: E402
 
 
 def main():
@@ -78,7 +56,7 @@ def main():
     rng = np.random.default_rng(0)
     for label, route in (("numpy inversion (float64)", False), ("scipy truncnorm", True)):
         m = n if not route else max(n // 10, 10)  # truncnorm is slow: time fewer rows
-        sec = median_seconds(lambda: numpy_mixed_linf(rng, table, 0.52, d, m, route), max(args.repeats // 2, 2))
+        sec = median_seconds(lambda: mixed_linf_samples(rng, table, 0.52, d, m, route), max(args.repeats // 2, 2))
         rates[label] = m / sec
         rows.append((f"MixedLinf(0.52, k=250), {label}", m / sec))
     mixed = rates["MixedLinf(0.52, k=250)"]

@@ -1,0 +1,160 @@
+"""The dataset runner: certify every row of a dataset into a TSV that never loses a row.
+
+Output, as Cohen et al.'s ``certify.py``: a TSV with the header
+``idx label predict radius correct time`` (radius rounded *down* to 6 decimals,
+time as ``H:MM:SS.ffffff``), plus a JSON sidecar ``<out>.json`` holding every
+parameter, the key, the radius table's identity and the library version.
+
+Each row is flushed (and fsync'ed) as soon as it is certified. The key of row
+``idx`` is ``fold_in(key, idx)``, so a row's result does not depend on which
+rows ran before it. After an interruption the same command resumes after the
+last complete row: a partial last line is dropped, no row is duplicated or lost.
+A run whose sidecar differs from the command's parameters is refused rather
+than mixed into the same file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import decimal
+import json
+import os
+import pathlib
+import time
+from typing import Any, Callable, Iterable, Iterator, Mapping
+
+__all__ = ["HEADER", "RunResult", "format_radius", "completed_rows", "run_dataset", "sidecar_path"]
+
+HEADER = "idx\tlabel\tpredict\tradius\tcorrect\ttime"
+
+
+@dataclasses.dataclass(frozen=True)
+class RunResult:
+    """What a run did.
+
+    Attributes:
+      path: the TSV file.
+      written: rows certified by this call.
+      resumed_after: the last idx already in the file when the call started (None if new).
+    """
+
+    path: pathlib.Path
+    written: int
+    resumed_after: int | None
+
+
+def format_radius(radius: float) -> str:
+    """The radius rounded down (never up) to 6 decimals, exactly (decimal arithmetic)."""
+    value = decimal.Decimal(float(radius)).quantize(decimal.Decimal("0.000001"), rounding=decimal.ROUND_FLOOR)
+    return f"{value:.6f}"
+
+
+def sidecar_path(path: str | os.PathLike) -> pathlib.Path:
+    path = pathlib.Path(path)
+    return path.with_name(path.name + ".json")
+
+
+def completed_rows(path: str | os.PathLike) -> list[list[str]]:
+    """Complete data rows of a TSV (a trailing line without newline is incomplete)."""
+    text = pathlib.Path(path).read_text()
+    lines = text.split("\n")
+    complete = lines[:-1]  # the piece after the last newline is partial (or empty)
+    if not complete or complete[0] != HEADER:
+        raise ValueError(f"{os.fspath(path)!r} is not a soapbubble certification TSV (header {HEADER!r} expected)")
+    rows = [line.split("\t") for line in complete[1:]]
+    for line_no, row in enumerate(rows, start=2):
+        if len(row) != 6:
+            raise ValueError(f"{os.fspath(path)!r} line {line_no} has {len(row)} fields, expected 6")
+    return rows
+
+
+def _prepare_output(path: pathlib.Path, parameters: Mapping[str, Any]) -> int | None:
+    """Creates the files, or checks them for a resume. Returns the last complete idx."""
+    side = sidecar_path(path)
+    if path.exists():
+        if not side.exists():
+            raise ValueError(f"{os.fspath(path)!r} exists without its sidecar {side.name}; refusing to append to it")
+        previous = json.loads(side.read_text())
+        if previous.get("parameters") != json.loads(json.dumps(dict(parameters))):
+            changed = sorted(
+                key
+                for key in set(previous.get("parameters", {})) | set(parameters)
+                if previous.get("parameters", {}).get(key) != json.loads(json.dumps(parameters.get(key)))
+            )
+            raise ValueError(
+                f"{os.fspath(path)!r} was written with other parameters ({', '.join(changed)}); "
+                "use another output path or remove the file"
+            )
+        rows = completed_rows(path)
+        # Drop a partial trailing line so appended rows start on a fresh line.
+        keep = (HEADER + "\n" + "".join("\t".join(r) + "\n" for r in rows)).encode()
+        with open(path, "r+b") as f:
+            f.truncate(len(keep))
+        return int(rows[-1][0]) if rows else None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w") as f:
+            f.write(HEADER + "\n")
+    except OSError as e:
+        raise OSError(f"cannot write the output file {os.fspath(path)!r}: {e.strerror}") from e
+    side.write_text(json.dumps({"parameters": dict(parameters)}, indent=2, sort_keys=True) + "\n")
+    return None
+
+
+def run_dataset(
+    rows: Iterable[tuple[int, Any, int]],
+    certify_row: Callable[[int, Any], tuple[int, float]],
+    out_path: str | os.PathLike,
+    parameters: Mapping[str, Any],
+    *,
+    skip: int = 1,
+    max_index: int | None = None,
+    progress: Callable[[Iterator], Iterator] | None = None,
+) -> RunResult:
+    """Certifies ``rows`` into ``out_path``, resuming after the last complete row.
+
+    Args:
+      rows: ``(idx, x, label)`` in increasing ``idx``.
+      certify_row: ``(idx, x) -> (prediction, radius)``, prediction -1 for abstain.
+        It derives its randomness from ``idx`` (e.g. ``fold_in(key, idx)``).
+      out_path: the TSV; its sidecar is ``<out_path>.json``.
+      parameters: everything that defines the run (written to the sidecar; a
+        resume must match it exactly). JSON-serialisable.
+      skip: certify every ``skip``-th row (``idx % skip == 0``), as Cohen et al.
+      max_index: stop before the row with this ``idx`` (Cohen et al.'s ``--max``).
+      progress: optional wrapper of the row iterator (e.g. tqdm).
+
+    Returns:
+      A :class:`RunResult`.
+    """
+    if skip < 1:
+        raise ValueError(f"skip must be >= 1, got {skip}")
+    path = pathlib.Path(out_path)
+    last = _prepare_output(path, parameters)
+    written = 0
+
+    def selected():
+        for idx, x, label in rows:
+            if max_index is not None and idx >= max_index:
+                return
+            if idx % skip != 0 or (last is not None and idx <= last):
+                continue
+            yield idx, x, label
+
+    iterator = selected()
+    if progress is not None:
+        iterator = progress(iterator)
+    with open(path, "a") as f:
+        for idx, x, label in iterator:
+            start = time.perf_counter()
+            prediction, radius = certify_row(idx, x)
+            elapsed = datetime.timedelta(seconds=time.perf_counter() - start)
+            prediction = int(prediction)
+            radius = float(radius) if prediction >= 0 else 0.0
+            correct = int(prediction == int(label))
+            f.write(f"{idx}\t{int(label)}\t{prediction}\t{format_radius(radius)}\t{correct}\t{elapsed}\n")
+            f.flush()
+            os.fsync(f.fileno())
+            written += 1
+    return RunResult(path=path, written=written, resumed_after=last)
