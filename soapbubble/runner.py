@@ -104,8 +104,8 @@ def _prepare_output(path: pathlib.Path, parameters: Mapping[str, Any]) -> int | 
 
 def run_dataset(
     rows: Iterable[tuple[int, Any, int]],
-    certify_row: Callable[[int, Any], tuple[int, float]],
-    out_path: str | os.PathLike,
+    certify_row: Callable[[int, Any], Any],
+    out_path: str | os.PathLike | Mapping[str, str | os.PathLike],
     parameters: Mapping[str, Any],
     *,
     skip: int = 1,
@@ -117,44 +117,73 @@ def run_dataset(
     Args:
       rows: ``(idx, x, label)`` in increasing ``idx``.
       certify_row: ``(idx, x) -> (prediction, radius)``, prediction -1 for abstain.
-        It derives its randomness from ``idx`` (e.g. ``fold_in(key, idx)``).
-      out_path: the TSV; its sidecar is ``<out_path>.json``.
+        It derives its randomness from ``idx`` (e.g. ``fold_in(key, idx)``). With
+        several outputs it returns ``{name: (prediction, radius)}``.
+      out_path: the TSV (its sidecar is ``<out_path>.json``), or a mapping
+        ``name -> path`` to write several TSVs in lockstep from one certification
+        per row (e.g. the l2 and l_inf radii of the same counts). Each file
+        resumes on its own; a row is certified while any file still lacks it.
       parameters: everything that defines the run (written to the sidecar; a
-        resume must match it exactly). JSON-serialisable.
+        resume must match it exactly; with several outputs the sidecar of
+        ``name`` also records ``output = name``). JSON-serialisable.
       skip: certify every ``skip``-th row (``idx % skip == 0``), as Cohen et al.
       max_index: stop before the row with this ``idx`` (Cohen et al.'s ``--max``).
       progress: optional wrapper of the row iterator (e.g. tqdm).
 
     Returns:
-      A :class:`RunResult`.
+      A :class:`RunResult` (for several outputs: the first one's path, rows
+      certified, and the earliest resume point).
     """
     if skip < 1:
         raise ValueError(f"skip must be >= 1, got {skip}")
-    path = pathlib.Path(out_path)
-    last = _prepare_output(path, parameters)
+    single = not isinstance(out_path, Mapping)
+    paths = {None: pathlib.Path(out_path)} if single else {k: pathlib.Path(v) for k, v in out_path.items()}
+    if not paths:
+        raise ValueError("out_path must name at least one output file")
+    lasts = {
+        name: _prepare_output(path, parameters if single else {**parameters, "output": name})
+        for name, path in paths.items()
+    }
+    done = [-1 if last is None else last for last in lasts.values()]
+    first_needed = min(done)
     written = 0
 
     def selected():
         for idx, x, label in rows:
             if max_index is not None and idx >= max_index:
                 return
-            if idx % skip != 0 or (last is not None and idx <= last):
+            if idx % skip != 0 or idx <= first_needed:
                 continue
             yield idx, x, label
 
     iterator = selected()
     if progress is not None:
         iterator = progress(iterator)
-    with open(path, "a") as f:
+    files = {name: open(path, "a") for name, path in paths.items()}
+    try:
         for idx, x, label in iterator:
             start = time.perf_counter()
-            prediction, radius = certify_row(idx, x)
+            result = certify_row(idx, x)
             elapsed = datetime.timedelta(seconds=time.perf_counter() - start)
-            prediction = int(prediction)
-            radius = float(radius) if prediction >= 0 else 0.0
-            correct = int(prediction == int(label))
-            f.write(f"{idx}\t{int(label)}\t{prediction}\t{format_radius(radius)}\t{correct}\t{elapsed}\n")
-            f.flush()
-            os.fsync(f.fileno())
+            results = {None: result} if single else result
+            for name, f in files.items():
+                last = lasts[name]
+                if last is not None and idx <= last:
+                    continue  # this file already has the row
+                prediction, radius = results[name]
+                prediction = int(prediction)
+                radius = float(radius) if prediction >= 0 else 0.0
+                correct = int(prediction == int(label))
+                f.write(f"{idx}\t{int(label)}\t{prediction}\t{format_radius(radius)}\t{correct}\t{elapsed}\n")
+                f.flush()
+                os.fsync(f.fileno())
             written += 1
-    return RunResult(path=path, written=written, resumed_after=last)
+    finally:
+        for f in files.values():
+            f.close()
+    resumed = [last for last in lasts.values()]
+    return RunResult(
+        path=next(iter(paths.values())),
+        written=written,
+        resumed_after=None if all(r is None for r in resumed) else min(-1 if r is None else r for r in resumed),
+    )

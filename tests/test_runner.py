@@ -92,3 +92,30 @@ def test_refuses_other_parameters_and_foreign_files(tmp_path):
     runner.sidecar_path(foreign).write_text(json.dumps({"parameters": PARAMS}))
     with pytest.raises(ValueError, match="is not a soapbubble certification TSV"):
         runner.run_dataset(fake_rows(3), fake_certify, foreign, PARAMS)
+
+
+def test_several_outputs_in_lockstep_resume_independently(tmp_path):
+    outs = {"l2": tmp_path / "l2.tsv", "linf": tmp_path / "linf.tsv"}
+
+    def both(idx, x):
+        prediction, radius = fake_certify(idx, x)
+        return {"l2": (prediction, radius), "linf": (prediction, radius / 8)}
+
+    calls = []
+
+    def counting(idx, x):
+        calls.append(idx)
+        return both(idx, x)
+
+    runner.run_dataset(fake_rows(6), counting, outs, PARAMS)
+    # linf lost its last two rows (e.g. killed between the two writes).
+    rows = runner.completed_rows(outs["linf"])[:4]
+    outs["linf"].write_text(runner.HEADER + "\n" + "".join("\t".join(r) + "\n" for r in rows))
+    calls.clear()
+    result = runner.run_dataset(fake_rows(10), counting, outs, PARAMS)
+    assert calls == [4, 5, 6, 7, 8, 9] and result.resumed_after == 3
+    assert [int(r[0]) for r in runner.completed_rows(outs["l2"])] == list(range(10))
+    assert [int(r[0]) for r in runner.completed_rows(outs["linf"])] == list(range(10))
+    linf = runner.completed_rows(outs["linf"])
+    assert all(r[3] == runner.format_radius(both(int(r[0]), None)["linf"][1]) or r[2] == "-1" for r in linf)
+    assert json.loads(runner.sidecar_path(outs["linf"]).read_text())["parameters"]["output"] == "linf"

@@ -1,0 +1,147 @@
+"""Overhead of certify over the bare forward pass it is built on.
+
+For one input and N noise samples, in one process and on the same model and
+batch size:
+
+* ``certify``: :func:`soapbubble.certify.certify` with ``n0 = 100`` and ``n = N``
+  (so it evaluates N + 100 noisy inputs): noise drawn on the device inside the
+  compiled loop, class counts, Clopper-Pearson, table lookup.
+* ``forward``: one jitted ``lax.map`` of the model over the same N noisy inputs
+  in batches of the same size, the noise generated beforehand (not timed).
+
+The ratio certify / forward is the price of everything certify adds: drawing the
+noise, counting, the statistics. Goal: <= 1.10. Two models on 8x8x1 inputs: a
+small CNN (the goal's case) and a small MLP, whose forward pass is so cheap that
+drawing the noise becomes a visible share.
+
+Usage:
+  python benchmarks/bench_certify_overhead.py            # print the section
+  python benchmarks/bench_certify_overhead.py --write    # also update benchmarks/RESULTS.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import statistics
+import sys
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from _common import command_line, machine, write_section  # noqa: E402
+
+from soapbubble import noise  # noqa: E402
+from soapbubble.bounds import table as table_lib  # noqa: E402
+from soapbubble.certify import certify  # noqa: E402
+
+SHAPE = (8, 8, 1)
+
+
+class SmallCNN(nn.Module):
+    """Two 3x3 convolutions and two dense layers: ~0.4 M multiply-adds per input."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = nn.relu(nn.Conv(16, (3, 3))(x))
+        x = nn.relu(nn.Conv(32, (3, 3))(x))
+        x = x.reshape((x.shape[0], -1))
+        x = nn.relu(nn.Dense(64)(x))
+        return nn.Dense(10)(x)
+
+
+class MLP(nn.Module):
+    """64 -> 128 -> 128 -> 10: ~26 k multiply-adds per input."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = x.reshape((x.shape[0], -1))
+        x = nn.relu(nn.Dense(128)(x))
+        x = nn.relu(nn.Dense(128)(x))
+        return nn.Dense(10)(x)
+
+
+def _seconds(fn) -> tuple[float, float]:
+    """(wall, CPU) seconds of fn(); CPU time sums all threads and shrugs off other processes."""
+    w0, c0 = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - w0, time.process_time() - c0
+
+
+def measure(module: nn.Module, n: int, batch: int, repeats: int) -> dict[str, float]:
+    """Wall and CPU seconds of certify and of the bare forward pass, and their ratios.
+
+    The two are timed alternately (after one warm-up call each), so a machine
+    shared with other work slows both alike; times are the fastest of
+    ``repeats`` runs and ratios the median of the per-pair ratios.
+    """
+    key = jax.random.key(0)
+    variables = module.init(key, jnp.zeros((1, *SHAPE)))
+    logits_fn = jax.jit(lambda b: module.apply(variables, b))
+    family = noise.Gaussian(0.25)
+    x = jax.random.uniform(jax.random.key(1), SHAPE)
+    table = table_lib.radius_table(key, family, int(np.prod(SHAPE)), "l2")
+
+    def run_certify():
+        cert = certify(key, logits_fn, x, family, n0=100, n=n, batch_size=batch, table=table)
+        return cert.prediction  # numpy: certify has finished
+
+    steps = -(-n // batch)
+    noisy = x + family.sample(jax.random.key(2), steps * batch, SHAPE)
+    noisy = noisy.reshape((steps, batch, *SHAPE)).block_until_ready()
+    forward = jax.jit(lambda z: jax.lax.map(logits_fn, z))
+
+    def run_forward():
+        forward(noisy).block_until_ready()
+
+    run_certify(), run_forward()  # compile
+    pairs = [(_seconds(run_certify), _seconds(run_forward)) for _ in range(repeats)]
+    out = {}
+    for i, kind in enumerate(("wall", "cpu")):
+        out[f"certify_{kind}"] = min(c[i] for c, _ in pairs)
+        out[f"forward_{kind}"] = min(f[i] for _, f in pairs)
+        out[f"ratio_{kind}"] = statistics.median(c[i] / f[i] for c, f in pairs)
+    return out
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=100_000, help="noise samples (certify's n)")
+    parser.add_argument("--batch", type=int, default=1000)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--write", action="store_true", help="update benchmarks/RESULTS.md")
+    args = parser.parse_args()
+    rows = []
+    for label, module in (("small CNN", SmallCNN()), ("MLP", MLP())):
+        m = measure(module, args.n, args.batch, args.repeats)
+        rows.append(
+            f"| {label} | {m['certify_wall'] * 1e3:,.0f} | {m['forward_wall'] * 1e3:,.0f} "
+            f"| **{m['ratio_wall']:.3f}** | {m['ratio_cpu']:.3f} |"
+        )
+    lines = [
+        f"One 8x8x1 input, Gaussian noise, n = {args.n:,} (+ n0 = 100 for certify), batch "
+        f"{args.batch}; {args.repeats} alternating runs of each, one process: fastest times, "
+        "median of the per-pair ratios.",
+        f"Machine: {machine()}.",
+        f"Command: `{command_line()}`",
+        "",
+        "| model | certify (ms) | bare forward (ms) | certify / forward (wall) | (CPU time) |",
+        "|---|---:|---:|---:|---:|",
+        *rows,
+        "",
+        "Goal: certify / forward <= 1.10 (small CNN). The MLP's forward pass is ~15x cheaper,",
+        "so drawing the noise on the device shows up as a larger share.",
+    ]
+    body = "## Certify overhead (issue 5)\n\n" + "\n".join(lines)
+    print(body)
+    if args.write:
+        write_section("certify_overhead", body)
+
+
+if __name__ == "__main__":
+    main()

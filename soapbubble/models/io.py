@@ -1,0 +1,267 @@
+"""Saved models: a directory with a JSON description and an orbax checkpoint.
+
+Layout of a saved model directory::
+
+    soapbubble_model.json   {"format_version": 1, "arch": <registry name>,
+                             "config": {builder kwargs}, "dataset": <name>,
+                             "extra": {...}}
+    variables/              orbax checkpoint of the flax variables dict
+                            {"params": ..., "batch_stats": ...} (plain arrays)
+
+The JSON is written last, so a directory without it is an unfinished save.
+Loading checks the stored variables against the architecture (built from
+``arch`` and ``config``, initialised abstractly on the dataset's image shape): a
+missing or extra key or a wrong shape is a ``ValueError`` naming the key path,
+e.g. ``params/Conv_0/kernel``. The image shape comes from ``dataset`` (see
+:data:`soapbubble.data.KNOWN`) or, for other datasets, ``extra["input_shape"]``.
+
+Example:
+  >>> import jax, jax.numpy as jnp, tempfile, os
+  >>> from soapbubble.models import registry
+  >>> module = registry.build("small_cnn")
+  >>> variables = module.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))
+  >>> path = os.path.join(tempfile.mkdtemp(), "m")
+  >>> save_model(path, "small_cnn", {}, variables, dataset="digits")
+  >>> loaded = load_model(path)
+  >>> loaded.meta.arch, load(path)(jnp.zeros((3, 8, 8, 1))).shape
+  ('small_cnn', (3, 10))
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import warnings
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from soapbubble.models import registry
+
+__all__ = ["FORMAT_VERSION", "META_FILE", "LoadedModel", "ModelMeta", "load", "load_model", "save_model"]
+
+FORMAT_VERSION = 1
+META_FILE = "soapbubble_model.json"
+_VARIABLES_DIR = "variables"
+
+
+class ModelMeta(NamedTuple):
+    """The parsed ``soapbubble_model.json``.
+
+    Attributes:
+      format_version: int, 1.
+      arch: registry name of the architecture.
+      config: builder keyword arguments (JSON values).
+      dataset: dataset name the model was trained for.
+      extra: free-form JSON dict (training details, provenance).
+      input_shape: (H, W, C) of one input image.
+    """
+
+    format_version: int
+    arch: str
+    config: dict
+    dataset: str
+    extra: dict
+    input_shape: tuple
+
+
+class LoadedModel(NamedTuple):
+    """A loaded model.
+
+    Attributes:
+      module: the flax module (``module.apply(variables, x, train=False)``).
+      variables: dict of jax arrays ``{"params": ..., "batch_stats": ...}``.
+      meta: :class:`ModelMeta`.
+    """
+
+    module: nn.Module
+    variables: dict
+    meta: ModelMeta
+
+
+def _input_shape(dataset: str, extra: dict) -> tuple[int, ...]:
+    from soapbubble import data
+
+    if "input_shape" in extra:
+        shape = extra["input_shape"]
+        if not (isinstance(shape, (list, tuple)) and len(shape) == 3 and all(
+                isinstance(s, int) and s >= 1 for s in shape)):
+            raise ValueError(f"extra['input_shape'] must be three positive integers (H, W, C), got {shape!r}")
+        return tuple(shape)
+    if dataset in data.KNOWN:
+        return data.image_shape(dataset)
+    raise ValueError(
+        f"cannot tell the input shape of dataset={dataset!r}: use one of {', '.join(sorted(data.KNOWN))}"
+        " or give extra['input_shape'] = [H, W, C]"
+    )
+
+
+def _key_str(path) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def _expected(module: nn.Module, input_shape: tuple[int, ...]) -> dict:
+    # Abstract init: shapes only, nothing computed.
+    x = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
+    return jax.eval_shape(lambda x: module.init(jax.random.key(0), x, train=False), x)
+
+
+def _match(variables: Any, expected: Any) -> dict:
+    """Checks ``variables`` against the abstract ``expected`` tree; returns jax arrays."""
+    got = dict(jax.tree_util.tree_flatten_with_path(variables)[0])
+    want = dict(jax.tree_util.tree_flatten_with_path(expected)[0])
+    got_s = {_key_str(k): v for k, v in got.items()}
+    want_s = {_key_str(k): v for k, v in want.items()}
+    missing = sorted(set(want_s) - set(got_s))
+    extra = sorted(set(got_s) - set(want_s))
+    if missing:
+        raise ValueError(f"variables do not match the architecture: missing key(s) {', '.join(missing)}")
+    if extra:
+        raise ValueError(f"variables do not match the architecture: unexpected key(s) {', '.join(extra)}")
+    for k, w in want_s.items():
+        v = got_s[k]
+        if tuple(np.shape(v)) != tuple(w.shape):
+            raise ValueError(f"variables do not match the architecture: {k} has shape {tuple(np.shape(v))},"
+                             f" expected {tuple(w.shape)}")
+        kind_v, kind_w = np.dtype(v.dtype).kind, np.dtype(w.dtype).kind
+        if (kind_v == "f") != (kind_w == "f"):
+            raise ValueError(f"variables do not match the architecture: {k} has dtype {v.dtype}, expected {w.dtype}")
+    # Rebuild in the expected structure (dict order, dtype) from the key paths.
+    leaves = [jnp.asarray(got_s[_key_str(k)], dtype=w.dtype) for k, w in want.items()]
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(expected), leaves)
+
+
+def save_model(path: str | os.PathLike, arch: str, config: dict, variables: dict, *, dataset: str,
+               extra: dict | None = None, overwrite: bool = False) -> None:
+    """Saves a model directory (see the module docstring for the layout).
+
+    Args:
+      path: directory to create (must not exist, be empty, or be a saved model with
+        ``overwrite=True``).
+      arch: registry name (``soapbubble.models.registry.names()``).
+      config: builder keyword arguments, JSON-serializable.
+      variables: flax variables dict ``{"params": ..., ["batch_stats": ...]}``.
+      dataset: dataset name (sets the input shape, unless ``extra["input_shape"]``).
+      extra: optional JSON-serializable dict stored as it is.
+      overwrite: replace an existing saved model at ``path``.
+
+    Raises:
+      ValueError: unknown arch, non-JSON config/extra, variables that do not fit the
+        architecture (names the key path).
+      FileExistsError: ``path`` holds something else, or a model and not ``overwrite``.
+    """
+    path = os.path.abspath(os.fspath(path))
+    extra = {} if extra is None else dict(extra)
+    config = dict(config)
+    for name, value in (("config", config), ("extra", extra)):
+        try:
+            json.dumps(value)
+        except TypeError as e:
+            raise ValueError(f"{name} must be JSON-serializable: {e}") from e
+    module = registry.build(arch, **config)
+    input_shape = _input_shape(dataset, extra)
+    variables = _match(variables, _expected(module, input_shape))
+    if os.path.exists(path):
+        if os.path.isfile(os.path.join(path, META_FILE)):
+            if not overwrite:
+                raise FileExistsError(f"a saved model exists at path={path!r} (pass overwrite=True)")
+            shutil.rmtree(path)
+        elif not os.path.isdir(path) or os.listdir(path):
+            raise FileExistsError(f"path={path!r} exists and is not an empty directory or a saved model")
+    os.makedirs(path, exist_ok=True)
+    import orbax.checkpoint as ocp
+
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(os.path.join(path, _VARIABLES_DIR), variables)
+    checkpointer.wait_until_finished()
+    meta = {"format_version": FORMAT_VERSION, "arch": arch, "config": config, "dataset": dataset, "extra": extra}
+    tmp = os.path.join(path, META_FILE + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(meta, f, indent=2, sort_keys=True)
+    os.replace(tmp, os.path.join(path, META_FILE))
+
+
+def _read_meta(path: str) -> ModelMeta:
+    meta_path = os.path.join(path, META_FILE)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"no saved model directory at {path!r}")
+    if not os.path.isfile(meta_path):
+        raise FileNotFoundError(f"not a saved model: {meta_path!r} is missing")
+    with open(meta_path) as f:
+        try:
+            raw = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{meta_path!r} is not valid JSON: {e}") from e
+    for key in ("format_version", "arch", "config", "dataset"):
+        if key not in raw:
+            raise ValueError(f"{meta_path!r} lacks the field {key!r}")
+    if raw["format_version"] != FORMAT_VERSION:
+        raise ValueError(f"{meta_path!r}: format_version={raw['format_version']!r} is not supported"
+                         f" (this soapbubble reads {FORMAT_VERSION})")
+    if raw["arch"] not in registry.names():
+        raise ValueError(f"{meta_path!r}: unknown arch={raw['arch']!r}; known: {', '.join(registry.names())}")
+    extra = raw.get("extra") or {}
+    return ModelMeta(FORMAT_VERSION, raw["arch"], dict(raw["config"]), raw["dataset"], dict(extra),
+                     _input_shape(raw["dataset"], extra))
+
+
+def load_model(path: str | os.PathLike) -> LoadedModel:
+    """Loads a saved model directory.
+
+    Args:
+      path: directory written by :func:`save_model` (or the converter).
+
+    Returns:
+      :class:`LoadedModel` (module, variables as jax arrays, meta).
+
+    Raises:
+      FileNotFoundError: missing directory, JSON or variables (names the path).
+      ValueError: unknown arch or format, variables that do not fit the architecture
+        (names the key path).
+    """
+    path = os.path.abspath(os.fspath(path))
+    meta = _read_meta(path)
+    module = registry.build(meta.arch, **meta.config)
+    var_path = os.path.join(path, _VARIABLES_DIR)
+    if not os.path.isdir(var_path):
+        raise FileNotFoundError(f"saved model at {path!r} lacks its variables: {var_path!r} is missing")
+    import orbax.checkpoint as ocp
+
+    with warnings.catch_warnings():
+        # Restoring without a target makes orbax warn about sharding; one CPU/host device is fine.
+        warnings.simplefilter("ignore", UserWarning)
+        raw = ocp.PyTreeCheckpointer().restore(var_path)
+    variables = _match(raw, _expected(module, meta.input_shape))
+    return LoadedModel(module, variables, meta)
+
+
+def load(path: str | os.PathLike) -> Callable[[jax.Array], jax.Array]:
+    """The pure inference function of a saved model.
+
+    Args:
+      path: saved model directory.
+
+    Returns:
+      ``logits_fn(batch) -> logits``: batch float (B, H, W, C) in [0, 1] ->
+      float32 (B, num_classes), eval mode (BatchNorm running averages), jitted.
+
+    Raises:
+      As :func:`load_model`; ``logits_fn`` raises ValueError for a batch whose
+      trailing shape is not the model's (H, W, C).
+    """
+    loaded = load_model(path)
+    module, variables, shape = loaded.module, loaded.variables, loaded.meta.input_shape
+    # Variables are an argument (not a closure) so they are not baked into the program.
+    apply = jax.jit(lambda v, x: module.apply(v, x, train=False))
+
+    def logits_fn(batch):
+        if jnp.ndim(batch) != 4 or tuple(jnp.shape(batch)[1:]) != shape:
+            raise ValueError(f"batch must have shape (B, {', '.join(map(str, shape))}), got {jnp.shape(batch)}")
+        return apply(variables, batch)
+
+    return logits_fn

@@ -1,0 +1,172 @@
+"""Executes the notebooks in notebooks/ at small sizes and checks the numbers they store.
+
+Each notebook runs in a fresh kernel launched from this interpreter (a kernelspec
+written to a temporary directory, so no global Jupyter install is needed) with
+``SOAPBUBBLE_NOTEBOOK_SMALL=1``; it writes its key numbers to the JSON file named
+by ``SOAPBUBBLE_NOTEBOOK_OUT``, which the tests compare with closed forms computed
+here, independently of the notebooks and of the library.
+"""
+
+import json
+import math
+import pathlib
+import sys
+
+import nbformat
+import numpy as np
+import pytest
+import scipy.special as sc
+import scipy.stats
+from jupyter_client.kernelspec import KernelSpecManager
+from jupyter_client.manager import KernelManager
+from nbclient import NotebookClient
+
+NOTEBOOKS = pathlib.Path(__file__).resolve().parents[1] / "notebooks"
+NAMES = ("01_radial_laws", "02_pareto_frontier", "03_radius_curves")
+# Two-sided normal quantile for every Monte Carlo check below (fixed keys: a check
+# always passes or always fails; this sets how strict it is, false-alarm rate ~1e-4 each).
+Z = scipy.stats.norm.isf(0.5e-4)
+
+
+def _execute(name: str, tmp_path: pathlib.Path, monkeypatch) -> dict:
+    kernels = tmp_path / "kernels"
+    (kernels / "soapbubble-test").mkdir(parents=True)
+    spec = {
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "soapbubble test",
+        "language": "python",
+    }
+    (kernels / "soapbubble-test" / "kernel.json").write_text(json.dumps(spec))
+    out = tmp_path / f"{name}.json"
+    for var, value in {
+        "SOAPBUBBLE_NOTEBOOK_SMALL": "1",
+        "SOAPBUBBLE_NOTEBOOK_OUT": str(out),
+        "MPLBACKEND": "Agg",
+        # At these sizes compiling dominates (one Gamma sampler per k): XLA's
+        # optimisation passes cost more than they save.
+        "JAX_DISABLE_MOST_OPTIMIZATIONS": "1",
+        "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime"),
+        "IPYTHONDIR": str(tmp_path / "ipython"),
+    }.items():
+        monkeypatch.setenv(var, value)
+    km = KernelManager(
+        kernel_name="soapbubble-test",
+        kernel_spec_manager=KernelSpecManager(
+            kernel_dirs=[str(kernels)], ensure_native_kernel=False
+        ),
+    )
+    nb = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
+    # Raises CellExecutionError (with the traceback) if any cell fails.
+    NotebookClient(
+        nb, km=km, timeout=300, resources={"metadata": {"path": str(NOTEBOOKS)}}
+    ).execute()
+    errors = [
+        o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"
+    ]
+    assert not errors
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_committed_without_outputs(name):
+    nb = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
+    nbformat.validate(nb)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert code and all(not c.outputs and c.execution_count is None for c in code)
+    assert (
+        "SOAPBUBBLE_NOTEBOOK_SMALL" in code[0].source
+        and "SOAPBUBBLE_NOTEBOOK_OUT" in code[0].source
+    )
+
+
+def test_radial_laws(tmp_path, monkeypatch):
+    out = _execute("01_radial_laws", tmp_path, monkeypatch)
+    d = out["d"]
+    assert d == 100 and out["small"] is True
+    moments = {}
+    for law in out["laws"]:
+        sigma, k, n = law["sigma"], law["k"], law["n"]
+        # ||z||_2^2 / (2 sigma^2) ~ Gamma((d - k) / 2): mean and sd of ||z||_2 in closed form.
+        mean = (
+            sigma * math.sqrt(2) * math.exp(sc.gammaln((d - k + 1) / 2) - sc.gammaln((d - k) / 2))
+        )
+        sd = math.sqrt(sigma**2 * (d - k) - mean**2)
+        moments[(sigma, k)] = (mean, sd)
+        assert abs(law["integral"] - 1.0) < 1e-4  # the library's radial density, normalised
+        assert abs(law["mean_sample"] - mean) < Z * sd / math.sqrt(n)
+        # sd of the sample sd ~ sd * sqrt((kurtosis - 1) / 4n); the law is near normal (kurtosis 3)
+        assert abs(law["std_sample"] - sd) < Z * sd * math.sqrt(2.5 / (4 * n))
+    # the figure's point: k = 75 halves the mean at about twice the spread of the sigma route
+    m75, sd75 = moments[(1.0, 75.0)]
+    m0 = moments[(1.0, 0.0)][0]
+    sigma_route = [v for (s, k), v in moments.items() if k == 0.0 and abs(s - m75 / m0) < 1e-12]
+    assert len(sigma_route) == 1
+    assert out["spread_ratio_at_matched_mean"] == pytest.approx(sd75 / sigma_route[0][1], rel=1e-9)
+    assert out["spread_ratio_at_matched_mean"] > 1.9
+
+
+def test_pareto_frontier(tmp_path, monkeypatch):
+    out = _execute("02_pareto_frontier", tmp_path, monkeypatch)
+    d, r_true, eps, n = out["d"], out["r_true"], out["eps"], out["n"]
+    assert (d, r_true, out["lambda"]) == (5, 0.65, 1.0)
+    families = {"l2 (eq. 8)", "mixed linf (eq. 9)", "pure linf (eq. 10)"}
+    assert {r["family"] for r in out["records"]} == families
+    checked = 0
+    for r in out["records"]:
+        sigma, k = r["sigma"], r["k"]
+        if r["family"].startswith("l2"):
+            # ||z||_2^2 / (2 sigma^2) ~ Gamma((d - k) / 2)
+            acc = sc.gammainc((d - k) / 2, r_true**2 / (2 * sigma**2))
+        elif r["family"].startswith("mixed") and k == 0:
+            acc = sc.gammainc(
+                d / 2, r_true**2 / (2 * sigma**2)
+            )  # the mixed family at k = 0 is the Gaussian
+        else:
+            acc = None
+        if acc is not None:
+            assert abs(r["accuracy"] - acc) < Z * math.sqrt(acc * (1 - acc) / n) + 1.0 / n
+            checked += 1
+        if k == 0 and not r["family"].startswith("pure"):
+            # Gaussian TV at ||delta||_2 = eps sqrt(d) is 2 Phi(eps sqrt(d) / 2 sigma) - 1;
+            # the estimate is a mean of values in [0, 1] (sd <= 1/2)
+            tv = 2 * sc.ndtr(eps * math.sqrt(d) / (2 * sigma)) - 1
+            assert abs(r["d_theorem"] - tv) < Z * 0.5 / math.sqrt(n)
+        if r["d_candidates"] is not None:
+            assert (
+                r["d_candidates"] >= r["d_theorem"]
+            )  # the theorem's delta is among the candidates
+        assert 0.0 <= r["robustness"] <= 1.0
+    assert checked >= len(out["sigma_grid"]) * (len(out["k_grid"]) + 1)
+    assert set(out["winners"]) <= families
+
+
+def test_radius_curves(tmp_path, monkeypatch):
+    out = _execute("03_radius_curves", tmp_path, monkeypatch)
+    d, sigma0 = out["d"], out["sigma0"]
+    assert d == 3072 and sigma0 == 0.5
+    assert out["sigma_l2"] == pytest.approx(
+        sigma0 * math.sqrt((d - 1) / (d - 1 - out["k_l2"])), rel=1e-12
+    )
+    assert out["sigma_mix"] == pytest.approx(
+        sigma0 * math.sqrt((d - 1) / (d - 1 - out["k_mix"])), rel=1e-12
+    )
+    # Corollary 1: the exact dual route with k = 0 is Cohen et al.'s Phi(Phi^-1(p) - r / sigma)
+    cor = out["corollary1"]
+    p = np.array(cor["p"])
+    for r, v in zip(cor["radii"], cor["v_exact"]):
+        cohen = scipy.stats.norm.cdf(scipy.stats.norm.ppf(p) - r / sigma0)
+        np.testing.assert_allclose(v, cohen, atol=1e-8)
+    assert cor["max_abs_dev_exact"] < 1e-8
+    assert (
+        cor["max_bound_minus_cohen"] <= 1e-12
+    )  # the Monte Carlo certificate is never above the truth
+    # Gaussian radius tables: sigma Phi^-1(p) (l2) and sigma Phi^-1(p) / sqrt(d) (l_inf, Theorem 3),
+    # rounded down to the grid
+    for attack, scale in (("l2", 1.0), ("linf", 1.0 / math.sqrt(d))):
+        part = out[attack]
+        exact = sigma0 * scipy.stats.norm.ppf(np.array(part["p"])) * scale
+        got = np.array(part["gaussian"])
+        assert np.all(got <= exact) and np.all(got > exact - part["grid_step"] * (1 + 1e-9))
+    for attack, fam in (("l2", "l2_family"), ("linf", "l2_family"), ("linf", "mixed_certified")):
+        radii = np.array(out[attack][fam])
+        assert np.all(radii >= 0) and np.all(np.diff(radii) >= 0)  # R(p) is non-decreasing in p
