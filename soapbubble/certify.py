@@ -72,7 +72,6 @@ import functools
 import hashlib
 import json
 import math
-import operator
 import os
 import pathlib
 import tempfile
@@ -88,6 +87,8 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from soapbubble import noise as noise_lib
+from soapbubble._validation import check_attack as _check_attack
+from soapbubble._validation import check_positive_int, check_unit_interval
 from soapbubble.bounds import stats
 from soapbubble.bounds import table as table_lib
 
@@ -136,35 +137,11 @@ class Certificate(NamedTuple):
 
 
 def _check_int(value: Any, name: str, *, max_value: int | None = None) -> int:
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got {value!r}")
-    try:
-        value = operator.index(value)
-    except TypeError as e:
-        raise TypeError(f"{name} must be an int, got {value!r}") from e
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-    if max_value is not None and value > max_value:
-        raise ValueError(
-            f"{name} must be <= {max_value} (the exact Clopper-Pearson range), got {value}"
-        )
-    return value
+    return check_positive_int(value, name, max_value=max_value, max_reason="the exact Clopper-Pearson range")
 
 
 def _check_alpha(alpha: Any) -> float:
-    try:
-        value = float(alpha)
-    except (TypeError, ValueError) as e:
-        raise TypeError(f"alpha must be a real number in (0, 1), got {alpha!r}") from e
-    if not 0.0 < value < 1.0:
-        raise ValueError(f"alpha must be in (0, 1), got {alpha!r}")
-    return value
-
-
-def _check_attack(attack: Any) -> str:
-    if attack not in ("l2", "linf"):
-        raise ValueError(f"attack must be 'l2' or 'linf', got {attack!r}")
-    return attack
+    return check_unit_interval(alpha, "alpha")
 
 
 def _check_noise(family: Any, attack: str | None) -> noise_lib.SmoothingFamily:

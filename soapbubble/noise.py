@@ -52,6 +52,8 @@ import numpy as np
 import scipy.special
 
 from soapbubble import tabulated_law
+from soapbubble._validation import check_positive_int
+from soapbubble._validation import concrete as _concrete
 
 __all__ = [
     "SmoothingFamily",
@@ -68,16 +70,6 @@ Array = jax.Array
 
 
 # --------------------------------------------------------------------------- validation
-
-
-def _concrete(x: Any) -> np.ndarray | None:
-    """Host value of ``x``, or None when ``x`` is traced (checks then belong to the caller)."""
-    try:
-        return np.asarray(x, dtype=np.float64)
-    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
-        return None
-    except (TypeError, ValueError) as e:
-        raise TypeError(f"expected a real number or array, got {x!r}") from e
 
 
 def _check_sigma(sigma: Any, name: str = "sigma") -> None:
@@ -118,24 +110,12 @@ def event_size(event_shape: Sequence[int]) -> int:
     return math.prod(shape)
 
 
-def _check_n(n: Any, name: str = "n") -> int:
-    try:
-        n = operator.index(n)
-    except TypeError as e:
-        raise TypeError(f"{name} must be an int (static), got {n!r}") from e
-    if n < 1:
-        raise ValueError(f"{name} must be >= 1, got {n}")
-    return n
+def _check_n(n: Any) -> int:
+    return check_positive_int(n, "n")
 
 
 def _check_d(d: Any) -> int:
-    try:
-        d = operator.index(d)
-    except TypeError as e:
-        raise TypeError(f"d must be an int, got {d!r}") from e
-    if d < 1:
-        raise ValueError(f"d must be >= 1, got {d}")
-    return d
+    return check_positive_int(d, "d")
 
 
 def _check_dtype(dtype: Any) -> jnp.dtype:
@@ -292,6 +272,14 @@ def _chi_radius(key, n, shape_param, sigma, dtype):
     return sigma * jnp.sqrt(2.0 * g)
 
 
+def _random_face(key, n, d, dtype):
+    """A face of the cube per sample: the arg-max coordinate j and its sign, uniform. Shapes (n, 1)."""
+    k_j, k_s = jax.random.split(key)
+    j = jax.random.randint(k_j, (n, 1), 0, d)
+    sign = jnp.where(jax.random.bernoulli(k_s, 0.5, (n, 1)), 1.0, -1.0).astype(dtype)
+    return j, sign
+
+
 def _power(k: float, log_norm: Array) -> Array:
     # k = 0 must not produce 0 * log(0) = NaN at z = 0.
     return -k * log_norm if k else jnp.zeros_like(log_norm)
@@ -410,10 +398,9 @@ class MixedLinf(_ShapedFamily):
         return jnp.exp(tabulated_law.sample_table(key, table, (n,), dtype))
 
     def _sample_flat(self, key, n, d, dtype):
-        k_a, k_j, k_s, k_x = jax.random.split(key, 4)
+        k_a, k_face, k_x = jax.random.split(key, 3)
         t = self._standard_max(k_a, n, d, dtype)[:, None]  # a / sigma
-        j = jax.random.randint(k_j, (n, 1), 0, d)
-        sign = jnp.where(jax.random.bernoulli(k_s, 0.5, (n, 1)), 1.0, -1.0).astype(dtype)
+        j, sign = _random_face(k_face, n, d, dtype)
         # Truncated N(0, 1) on (-t, t) by inversion on the lower half, which keeps
         # float32 precision near the truncation point: |x| = -ndtri(p),
         # p uniform on (Phi(-t), 1/2), the sign taken from v.
@@ -460,10 +447,9 @@ class PureLinf(_ShapedFamily):
     radial_norm: ClassVar[str] = "linf"
 
     def _sample_flat(self, key, n, d, dtype):
-        k_a, k_j, k_s, k_u = jax.random.split(key, 4)
+        k_a, k_face, k_u = jax.random.split(key, 3)
         a = _chi_radius(k_a, n, (d - self.k) / 2, self.sigma, dtype)[:, None]
-        j = jax.random.randint(k_j, (n, 1), 0, d)
-        sign = jnp.where(jax.random.bernoulli(k_s, 0.5, (n, 1)), 1.0, -1.0).astype(dtype)
+        j, sign = _random_face(k_face, n, d, dtype)
         u = jax.random.uniform(k_u, (n, d), dtype, minval=-1.0, maxval=1.0)
         return a * jnp.where(jnp.arange(d)[None, :] == j, sign, u)
 

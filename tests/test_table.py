@@ -11,7 +11,6 @@ import scipy.stats
 
 from soapbubble import noise
 from soapbubble.bounds import dual, exact_l2
-from soapbubble.bounds import table as table_lib
 from soapbubble.bounds.table import RadiusTable, radius_table
 
 KEY = jax.random.key(42)

@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import functools
 import math
-import operator
 from typing import Any, NamedTuple, Union
 
 import jax
@@ -57,6 +56,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from soapbubble import noise
+from soapbubble._validation import check_attack as _check_attack
+from soapbubble._validation import check_positive_int, check_unit_interval
+from soapbubble._validation import concrete as _concrete
 from soapbubble.bounds import stats as stats_lib
 
 __all__ = [
@@ -139,20 +141,6 @@ class DualCurve(NamedTuple):
 # --------------------------------------------------------------------------- validation
 
 
-def _concrete(x: Any) -> np.ndarray | None:
-    """Host float64 value of ``x``, or None when it is traced (checks then fall to the caller)."""
-    try:
-        return np.asarray(x, dtype=np.float64)
-    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
-        return None
-
-
-def _check_attack(attack: Any) -> str:
-    if attack not in ("l2", "linf"):
-        raise ValueError(f"attack must be 'l2' or 'linf', got {attack!r}")
-    return attack
-
-
 def _stats_kind(family: Any, attack: str) -> str:
     """Which statistics certify ``attack`` with ``family``: "l2" or "mixed" (or raise)."""
     attack = _check_attack(attack)
@@ -176,25 +164,11 @@ def _stats_kind(family: Any, attack: str) -> str:
 
 
 def _check_count(value: Any, name: str) -> int:
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got {value!r}")
-    try:
-        value = operator.index(value)
-    except TypeError as e:
-        raise TypeError(f"{name} must be an int, got {value!r}") from e
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-    return value
+    return check_positive_int(value, name)
 
 
 def _check_alpha(alpha_d: Any) -> float:
-    try:
-        alpha = float(alpha_d)
-    except (TypeError, ValueError) as e:
-        raise TypeError(f"alpha_d must be a real number, got {alpha_d!r}") from e
-    if not 0.0 < alpha < 1.0:
-        raise ValueError(f"alpha_d must be in (0, 1), got {alpha_d!r}")
-    return alpha
+    return check_unit_interval(alpha_d, "alpha_d")
 
 
 def _check_radius(r: Any, max_ndim: int) -> None:

@@ -77,6 +77,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from soapbubble._validation import concrete as _concrete
 from jax import lax
 from jax.scipy.special import betainc, ndtri
 
@@ -101,16 +103,6 @@ _ENVELOPE = {np.dtype(np.float32): (5e-5, 6.0), np.dtype(np.float64): (5e-13, 12
 
 
 # --------------------------------------------------------------------------- validation
-
-
-def _concrete(x: Any) -> np.ndarray | None:
-    """Host value of ``x`` as float64, or None when ``x`` is traced."""
-    try:
-        return np.asarray(x, dtype=np.float64)
-    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
-        return None
-    except (TypeError, ValueError) as e:
-        raise TypeError(f"expected a real number or array, got {x!r}") from e
 
 
 def _show(v: np.ndarray, bad: np.ndarray) -> str:
