@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import math
 import os
 import pathlib
 import sys
@@ -38,19 +39,28 @@ def _demo(args) -> int:
     return 0
 
 
+# The paper's shapes at d = 3072 (CIFAR-10): k = 500 for the l2 family, 250 for mixed l_inf.
+_PAPER_K = {"l2": 500.0, "mixed_linf": 250.0, "pure_linf": 250.0}
+
+
+def _family_class(name):
+    from soapbubble import noise
+
+    return {"gaussian": noise.Gaussian, "l2": noise.L2Family, "mixed_linf": noise.MixedLinf,
+            "pure_linf": noise.PureLinf}[name]
+
+
 def _family(args, d):
+    """The certification family: --sigma is sigma0, matched by the paper's rule unless --no-match-sigma."""
     from soapbubble import noise
 
     if args.noise == "gaussian":
         if args.k not in (None, 0.0):
             raise ValueError("--k applies to the l2 and mixed_linf families, not to gaussian")
         return noise.Gaussian(args.sigma)
-    k = 500.0 * d / 3072 if args.k is None else args.k  # the paper's CIFAR-10 shape, scaled to d
-    if args.noise == "mixed_linf" and args.k is None:
-        k = 250.0 * d / 3072
+    k = _PAPER_K[args.noise] * d / 3072 if args.k is None else args.k
     sigma = noise.matched_sigma(args.sigma, d, k) if args.match_sigma else args.sigma
-    cls = noise.L2Family if args.noise == "l2" else noise.MixedLinf
-    return cls(sigma, k)
+    return _family_class(args.noise)(sigma, k)
 
 
 def _certify(args) -> int:
@@ -68,9 +78,7 @@ def _certify(args) -> int:
     else:
         model_path = pathlib.Path(args.model)
         logits_fn = models.load(model_path)
-    d = 1
-    for s in dataset.image_shape:
-        d *= int(s)
+    d = math.prod(dataset.image_shape)
     family = _family(args, d)
     alpha_d = args.alpha / 2
     table = certify_lib.cached_radius_table(family, d, args.attack, alpha_d=alpha_d, table_dir=args.table_dir)
@@ -102,7 +110,7 @@ def _certify(args) -> int:
 def _train(args) -> int:
     import jax
 
-    from soapbubble import data, noise, train
+    from soapbubble import data, train
 
     if args.default:
         result = train.train_default_model(jax.random.key(args.seed), args.workdir, progress=not args.quiet)
@@ -111,14 +119,9 @@ def _train(args) -> int:
         return 0
     dataset = data.materialize(data.load(args.dataset, "train", data_dir=args.data_dir))
     test = data.materialize(data.load(args.dataset, "test", data_dir=args.data_dir)) if args.dataset != "imagenet2012" else None
-    d = 1
-    for s in dataset.image_shape:
-        d *= int(s)
-    if args.noise == "gaussian":
-        family = noise.Gaussian(args.sigma)
-    else:
-        cls = {"l2": noise.L2Family, "mixed_linf": noise.MixedLinf, "pure_linf": noise.PureLinf}[args.noise]
-        family = cls(args.sigma, args.k if args.k is not None else 0.0)
+    # Training uses --sigma as the family's own scale (k defaults to 0).
+    cls = _family_class(args.noise)
+    family = cls(args.sigma) if args.noise == "gaussian" else cls(args.sigma, args.k if args.k is not None else 0.0)
     config = train.TrainConfig(family=family, arch=args.arch, epochs=args.epochs, batch_size=args.batch,
                                learning_rate=args.lr, lr_step_epochs=args.lr_step, macer_weight=args.macer_weight,
                                progress=not args.quiet)
