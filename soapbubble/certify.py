@@ -18,8 +18,8 @@ the counts are final.
 
 Randomness that does not depend on batching. The ``n`` samples are cut into
 fixed chunks of :data:`CHUNK` = 50 rows; chunk ``j`` is
-``noise.sample(fold_in(key, j), CHUNK, x.shape)``, and the rows past ``n`` in the
-last chunk are drawn but masked out of the counts. A step evaluates a whole
+``noise.sample(chunk_key(key, j), CHUNK, x.shape)``, and the rows past ``n`` in
+the last chunk are drawn but masked out of the counts. A step evaluates a whole
 number of chunks, so ``batch_size`` is rounded *down* to a multiple of
 :data:`CHUNK` (at least one chunk, and never more chunks than ``n`` needs); the
 noise for sample ``i`` is the same whatever the batch size or the number of
@@ -42,7 +42,15 @@ batched call uses for row ``row`` (``certify(key, f, xs, fam, batched=True)[i]``
 equals ``certify(jax.random.fold_in(key, i), f, xs[i], fam)``), so the
 certificates do not depend on how rows are spread over hosts.
 
-Keys. ``certify`` splits its key in two: the first half draws the ``n0``
+Keys. :func:`chunk_key` derives a chunk's key from ``fold_in(key, j)``: a
+``threefry4x32`` key (the same Threefry cipher as jax's default, four words
+wide) seeded with 128 bits drawn from it. On a CPU, jax's default
+``threefry2x32`` spends one cipher call per 32-bit word (the partitionable
+mode), ``threefry4x32`` one per four, and the noise of a small model costs half
+as much. Where jax lacks ``threefry4x32`` (before 0.10.2), the chunk key is
+``fold_in(key, j)`` itself.
+
+``certify`` splits its key in two: the first half draws the ``n0``
 selection samples, the second the ``n`` estimation samples, so the two sets are
 independent, as Cohen et al.'s protocol requires. ``predict`` uses its key
 directly for its ``n`` samples.
@@ -97,13 +105,14 @@ __all__ = [
     "certify",
     "predict",
     "class_counts",
+    "chunk_key",
     "cached_radius_table",
     "default_table_dir",
     "CHUNK",
     "TABLE_SEED",
 ]
 
-#: Rows per noise chunk: the unit of randomness (chunk j uses fold_in(key, j)).
+#: Rows per noise chunk: the unit of randomness (chunk j uses chunk_key(key, j)).
 CHUNK = 50
 #: Seed of the key that builds Monte Carlo radius tables cached on disk.
 TABLE_SEED = 0
@@ -241,6 +250,51 @@ def _per_step(n: int, batch_size: int, n_dev: int) -> int:
     return min(max(1, batch_size // CHUNK), -(-n_chunks // n_dev))
 
 
+def _key_words(impl: str) -> int:
+    """uint32 words of an ``impl`` key (ValueError naming the known ones if jax lacks it)."""
+    return jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0, impl=impl))).shape[-1]
+
+
+@functools.cache
+def _auto_impl() -> str | None:
+    """``"threefry4x32"`` where this jax has it (>= 0.10.2), else None."""
+    try:
+        _key_words("threefry4x32")
+    except ValueError:
+        return None
+    return "threefry4x32"
+
+
+def chunk_key(key: jax.Array, j, impl: str | None = "auto") -> jax.Array:
+    """The key of noise chunk ``j``: chunk ``j`` is ``noise.sample(chunk_key(key, j), CHUNK, shape)``.
+
+    Args:
+      key: the key given to :func:`class_counts` (or the half of :func:`certify`'s
+        key that draws the ``n0`` or the ``n`` samples), any PRNG implementation.
+      j: chunk index, int (traced or not).
+      impl: the chunk keys' PRNG implementation: ``"auto"`` (what certify uses:
+        ``"threefry4x32"`` where jax has it, see the module docstring), a name
+        ``jax.random.key`` accepts, or ``None`` for ``fold_in(key, j)`` itself.
+
+    Returns:
+      A scalar PRNG key.
+
+    Example:
+      >>> import jax
+      >>> from soapbubble import noise
+      >>> z0 = noise.Gaussian(0.5).sample(chunk_key(jax.random.key(0), 0), CHUNK, (8, 8, 1))
+      >>> z0.shape
+      (50, 8, 8, 1)
+    """
+    key = jax.random.fold_in(key, j)
+    if impl == "auto":
+        impl = _auto_impl()
+    if impl is None:
+        return key
+    words = _key_words(impl)
+    return jax.random.wrap_key_data(jax.random.bits(key, (words,), jnp.uint32), impl=impl)
+
+
 @functools.lru_cache(maxsize=8)
 def _mesh_for(devices: tuple) -> Mesh:
     return Mesh(np.array(devices, dtype=object), (_AXIS,))
@@ -259,6 +313,7 @@ def _count(key, x, family, n, *, logits_fn, per_step, mesh, num_classes):
     """
     n_dev = mesh.size
     shape = x.shape
+    d = math.prod(shape)
     rows = per_step * CHUNK
     n = jnp.asarray(n, jnp.int32)
     n_chunks = (n + CHUNK - 1) // CHUNK
@@ -269,10 +324,13 @@ def _count(key, x, family, n, *, logits_fn, per_step, mesh, num_classes):
 
         def body(step, counts):
             chunk = (step * n_dev + dev) * per_step + jnp.arange(per_step)
-            keys = jax.vmap(lambda j: jax.random.fold_in(key, j))(chunk)
-            z = jax.vmap(lambda k: family.sample(k, CHUNK, shape, x.dtype))(keys)
+            keys = jax.vmap(lambda j: chunk_key(key, j))(chunk)
+            # Drawn flat (the samplers work on (n, d) and reshape; same values): XLA on
+            # CPU fuses the flat add into the model's input cheaper than a 4-D one.
+            z = jax.vmap(lambda k: family.sample(k, CHUNK, (d,), x.dtype))(keys)
+            batch = (x.reshape(1, d) + z.reshape(rows, d)).reshape((rows, *shape))
             index = (chunk[:, None] * CHUNK + jnp.arange(CHUNK)[None, :]).reshape(rows)
-            pred = jnp.argmax(logits_fn(x[None] + z.reshape((rows, *shape))), axis=-1)
+            pred = jnp.argmax(logits_fn(batch), axis=-1)
             # Rows past n (surplus of the last chunk, idle chunks) count for nothing.
             hits = (pred[:, None] == jnp.arange(num_classes)[None, :]) & (index < n)[:, None]
             return counts + jnp.sum(hits, axis=0, dtype=jnp.int32)

@@ -507,3 +507,38 @@ def test_bad_types_fail_fast(no_sampling, gaussian_table):
                 table=gaussian_table)
     with pytest.raises(ValueError, match="k must be < d"):
         certify(KEY, linear16, at_distance(0.1), noise.L2Family(SIGMA, 16.0))
+
+
+def _documented_counts(key, x, family, n, impl="auto"):
+    """Counts of three_way from the module docstring's recipe, in numpy: chunk j is
+    ``noise.sample(chunk_key(key, j), CHUNK, x.shape)``, rows past n dropped."""
+    chunks = -(-n // certify_lib.CHUNK)
+    z = np.concatenate([
+        np.asarray(family.sample(certify_lib.chunk_key(key, j, impl), certify_lib.CHUNK, x.shape))
+        for j in range(chunks)
+    ])[:n]
+    return np.bincount(np.argmax((x + z)[:, :3], axis=-1), minlength=3)
+
+
+@pytest.mark.parametrize("family", [noise.Gaussian(SIGMA), noise.MixedLinf(0.5, 1.0)])
+def test_counts_follow_documented_chunk_keys(family):
+    """class_counts draws exactly the documented noise (here with a partial last chunk)."""
+    x = at_distance(0.05, seed=5)
+    counts = np.asarray(class_counts(KEY, three_way, x, family, n=1_234, batch_size=BATCH))
+    np.testing.assert_array_equal(counts, _documented_counts(KEY, x, family, 1_234))
+
+
+def test_chunk_key_generators(monkeypatch):
+    """'auto' is threefry4x32 where jax has it; without it, certify falls back to fold_in keys."""
+    has_4x32 = "threefry4x32" in str(jax.random.key_impl(certify_lib.chunk_key(KEY, 0)))
+    assert has_4x32 == (certify_lib._auto_impl() == "threefry4x32")
+    assert str(jax.random.key_impl(certify_lib.chunk_key(KEY, 0, None))) == str(
+        jax.random.key_impl(KEY))
+    with pytest.raises(ValueError, match="threefry2x32"):
+        certify_lib.chunk_key(KEY, 0, "threefry")
+    # Older jax: a fresh classifier (a new program) traced with the fallback generator.
+    monkeypatch.setattr(certify_lib, "_auto_impl", lambda: None)
+    x = at_distance(0.05, seed=6)
+    fresh = lambda b: b[:, :3]  # noqa: E731
+    counts = np.asarray(class_counts(KEY, fresh, x, noise.Gaussian(SIGMA), n=345, batch_size=BATCH))
+    np.testing.assert_array_equal(counts, _documented_counts(KEY, x, noise.Gaussian(SIGMA), 345, None))
