@@ -172,16 +172,13 @@ def main():
         kind, *nums = args.child
         print(json.dumps(child(kind, *map(int, nums))))
         return
-    from _common import command_line, machine, write_section
+    from _common import command_line, cpu_snapshot, machine, others_share, sharing_sentence, write_section
 
     ns = (1_000, 10_000) if args.quick else (1_000, 10_000, 100_000)
     ds = (64, 3072) if args.quick else (64, 3072, 150528)
     big = ds[-1]
-    load_before = os.getloadavg()[0]
-
-    lines = [
-        (f"Machine: {machine()}. **Shared machine** (1-minute load average {load_before:.1f} at the start): "
-        "other sessions' jobs ran on the same 2 cores, so times are noisy."),
+    start = cpu_snapshot()
+    lines = [  # the machine line goes first once the run is over (how busy it was)
         f"Command: `{command_line()}`",
         "",
         ("Each row is a fresh process. Memory = peak resident-set increase during the timed calls over the "
@@ -231,10 +228,7 @@ def main():
         m = measure("table_mixed", d, n, batch)
         lines.append(f"| MixedLinf(k=5) Monte Carlo | {d:,} | {n:,} | {batch} | {m['seconds']:.2f} "
                      f"| {_mb(m['rss_increase'])} | - | {_mb(m['maxrss'])} |")
-    lines += [
-        "",
-        f"Load average at the end: {os.getloadavg()[0]:.1f}.",
-    ]
+    lines.insert(0, f"Machine: {machine()}. {sharing_sentence(others_share(start, cpu_snapshot()))}")
     body = "## Scaling in N and d (issue 8)\n\n" + "\n".join(lines)
     print(body)
     if args.write:

@@ -64,7 +64,7 @@ import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 import cohen_reference as ref
-from _common import command_line, machine, write_section
+from _common import command_line, cpu_snapshot, machine, others_share, sharing_sentence, write_section
 
 from soapbubble import main_job, models, noise
 from soapbubble.certify import CHUNK, cached_radius_table, certify
@@ -198,21 +198,6 @@ def pick_torch_variant(case: Case, counts, batches, images: int, passes: int) ->
     return best[0], best[1], seconds
 
 
-def _busy() -> tuple[float, float, float]:
-    """(wall s, CPU s of all processes, CPU s of this process) now; CPU from /proc (Linux)."""
-    hz = os.sysconf("SC_CLK_TCK")
-    with open("/proc/stat") as f:
-        cpu = [int(v) for v in f.readline().split()[1:]]
-    busy = sum(cpu) - cpu[3] - cpu[4]  # all but idle and iowait
-    return _now(), busy / hz, time.process_time()
-
-
-def others_share(before, after) -> float:
-    """Mean number of cores used by other processes between two :func:`_busy` readings."""
-    wall = after[0] - before[0]
-    return max(0.0, (after[1] - before[1]) - (after[2] - before[2])) / max(wall, 1e-9)
-
-
 def compare(case: Case, repeats: int, counts, batches, sb_batches, probe_images: int,
             probe_passes: int = 2) -> dict:
     """Alternating timed runs: soapbubble certify, its bare forward passes, the published and the best baseline.
@@ -223,7 +208,7 @@ def compare(case: Case, repeats: int, counts, batches, sb_batches, probe_images:
     soapbubble's forward passes are fused into its compiled loop, so they are
     timed as bare jitted calls on the same shapes, right after each certify run.
     """
-    busy0 = _busy()
+    busy0 = cpu_snapshot()
     _, cold = _timed(lambda: case.run_soapbubble(images=1))  # compiles the counting loops
     case.batch, sb_probe = pick_soapbubble_batch(case, sb_batches, probe_images, probe_passes)
     forward = soapbubble_forward(case)
@@ -261,7 +246,7 @@ def compare(case: Case, repeats: int, counts, batches, sb_batches, probe_images:
         radius_gap=float(np.max(np.abs(np.asarray(cert.radius) - torch_radius))),
         sb_radius_mean=float(np.mean(cert.radius)),
         logit_gap=case.logit_gap(),
-        others=others_share(busy0, _busy()),
+        others=others_share(busy0, cpu_snapshot()),
     )
     return out
 
@@ -373,14 +358,7 @@ def cpu_main(args) -> str:
                 f"{sb_probe_txt}; other processes used "
                 f"{r['others']:.1f} of the 2 cores on average during this case."
             )
-    busiest = max(others)
-    sharing = (
-        "Other processes used at most {:.1f} of the 2 cores on average during a case (below; from "
-        "/proc/stat)".format(busiest)
-        + (": a quiet machine." if busiest < 0.2 else
-           ": **a shared machine**, so absolute times are noisy; the sides were timed alternately, "
-           "which keeps the ratios fairer than the absolute figures.")
-    )
+    sharing = sharing_sentence(max(others)).replace("on average", "on average in the busiest case")
     lines = [
         f"Machine: {machine()}; torch {torch.__version__}, {torch.get_num_threads()} threads. {sharing}",
         f"Command: `{command_line()}`",
@@ -445,6 +423,7 @@ def gpu_main(args) -> str:
         fwd_j, fwd_t = forward_seconds(case, batch, repeats=20)
         gap = case.logit_gap()
     # Forward passes alone, at batch 400, for n0 + N samples: no certifier can beat this.
+    n = case.n
     limit_j, limit_t = (n + N0) / batch * fwd_j, (n + N0) / batch * fwd_t
     sb, tb, tl = (statistics.median(t) for t in (t_sb, t_bin, t_loop))
     lines = [
