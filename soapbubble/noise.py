@@ -266,10 +266,21 @@ def _sample_radius(family, key, n, d, dtype):
     return family._sample_radius(key, n, d, dtype)
 
 
+def _gamma(key, a, shape, dtype):
+    """``jax.random.gamma(key', a, shape, dtype)`` with ``key'`` a threefry2x32 key drawn from ``key``.
+
+    jax's gamma sampler runs a rejection loop that derives keys per element;
+    with wider generators that loop is slow on a CPU (1000x for threefry4x32
+    keys, the ones :func:`soapbubble.certify.chunk_key` makes; 4x for
+    philox4x32), so it always gets a key of jax's default generator.
+    """
+    key = jax.random.wrap_key_data(jax.random.bits(key, (2,), jnp.uint32), impl="threefry2x32")
+    return jax.random.gamma(key, jnp.asarray(a, dtype), shape, dtype)
+
+
 def _chi_radius(key, n, shape_param, sigma, dtype):
     """sigma * sqrt(2 G), G ~ Gamma(shape_param): the radial law of eqs. (8) and (10)."""
-    g = jax.random.gamma(key, jnp.asarray(shape_param, dtype), (n,), dtype)
-    return sigma * jnp.sqrt(2.0 * g)
+    return sigma * jnp.sqrt(2.0 * _gamma(key, shape_param, (n,), dtype))
 
 
 def _random_face(key, n, d, dtype):
