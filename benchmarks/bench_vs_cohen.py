@@ -393,8 +393,10 @@ def cpu_main(args) -> str:
         "|---|---:|---:|---:|---:|---:|---:|",
         *splits,
         "",
-        ("The overhead at N = 100,000 (certify / bare forward on the same noisy samples, goal <= 1.10) "
-        "is measured in the *Certify overhead* section below (`bench_certify_overhead.py`)."),
+        ("The certify / forward columns here are rough: few runs, and soapbubble's forward is timed one "
+        "batch per call, with a dispatch each. The overhead at N = 100,000 (certify / bare forward on the "
+        "same noisy samples, goal <= 1.10) is measured against one compiled loop in the *Certify overhead* "
+        "section below (`bench_certify_overhead.py`)."),
     ]
     return "## soapbubble vs Cohen et al.'s PyTorch certify (issue 8)\n\n" + "\n".join(lines)
 
