@@ -51,8 +51,8 @@ def main():
     sigma = noise.matched_sigma(0.5, d, k)
     radii = np.linspace(0, 2.0, radii_count)
     family = noise.L2Family(sigma, k)
-    radius_table(key, family, d, "l2", radii=radii[:3])  # warm caches (the quadrature table per family)
-    exact, t_exact = timed(lambda: radius_table(key, family, d, "l2", radii=radii))
+    radius_table(None, family, d, "l2", radii=radii[:3])  # warm caches (the quadrature table per family)
+    exact, t_exact = timed(lambda: radius_table(None, family, d, "l2", radii=radii))
     n_np = 1_000_000 // scale
     rng = np.random.default_rng(0)
     np_pmin, t_np = timed(lambda: ref.l2_table(rng, sigma, k, d, radii, n_np, lambdas, 1e-3))

@@ -3,7 +3,7 @@
 For one input and N noise samples, in one process and on the same model and
 batch size:
 
-* ``certify``: :func:`soapbubble.certify.certify` with ``n0 = 100`` and ``n = N``
+* ``certify``: :func:`soapbubble.certify` with ``n0 = 100`` and ``n = N``
   (so it evaluates N + 100 noisy inputs): noise drawn on the device inside the
   compiled loop, class counts, Clopper-Pearson, table lookup.
 * ``forward``: one jitted ``lax.map`` of the model over the same N noisy inputs
@@ -39,7 +39,7 @@ from _common import command_line, machine, write_section  # noqa: E402
 
 from soapbubble import noise  # noqa: E402
 from soapbubble.bounds import table as table_lib  # noqa: E402
-from soapbubble.certify import certify  # noqa: E402
+from soapbubble import certify  # noqa: E402
 
 SHAPE = (8, 8, 1)
 
@@ -89,7 +89,7 @@ def measure(logits_fn, n: int, batch: int, repeats: int, shape=SHAPE) -> dict[st
     key = jax.random.key(0)
     family = noise.Gaussian(0.25)
     x = jax.random.uniform(jax.random.key(1), shape)
-    table = table_lib.radius_table(key, family, int(np.prod(shape)), "l2")
+    table = table_lib.radius_table(None, family, int(np.prod(shape)), "l2")
 
     def run_certify():
         cert = certify(key, logits_fn, x, family, n0=100, n=n, batch_size=batch, table=table)

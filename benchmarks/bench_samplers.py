@@ -27,7 +27,7 @@ from _common import command_line, machine, median_seconds, write_section  # noqa
 
 from numpy_reference import mixed_linf_samples  # noqa: E402
 
-from soapbubble import certify, noise  # noqa: E402
+from soapbubble import counting, noise  # noqa: E402
 
 
 def main():
@@ -39,8 +39,8 @@ def main():
     args = parser.parse_args()
     d, n = args.d, args.n
     key = jax.random.key(0)
-    # certify draws its noise with threefry4x32 keys (certify.chunk_key); jax's default is threefry2x32.
-    key4 = certify.chunk_key(key, 0)
+    # certify draws its noise with threefry4x32 keys (counting.chunk_key); jax's default is threefry2x32.
+    key4 = counting.chunk_key(key, 0)
     families = {
         "Gaussian(0.5)": noise.Gaussian(0.5),
         "L2Family(0.55, k=500)": noise.L2Family(0.55, 500.0),

@@ -94,7 +94,7 @@ def child(kind: str, a: int, b: int, c: int) -> dict:
         import tempfile
 
         from soapbubble import data, main_job
-        from soapbubble.certify import cached_radius_table, certify
+        from soapbubble import cached_radius_table, certify
 
         n = a
         logits_fn, _ = main_job.default_model(progress=False, log=lambda *_: None)
@@ -124,7 +124,7 @@ def child(kind: str, a: int, b: int, c: int) -> dict:
         tracemalloc.start()
         t0 = time.perf_counter()
         with PeakRSS() as mem:
-            radius_table(jax.random.key(0), family, d, "l2")
+            radius_table(None, family, d, "l2")
         out["seconds"] = time.perf_counter() - t0
         out["tracemalloc_peak"] = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()

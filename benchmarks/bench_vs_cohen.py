@@ -5,7 +5,7 @@ Both sides certify the same images with the same weights, Gaussian noise, ``n0``
 runs alternate between the two so a busy machine slows both alike; times are
 medians.
 
-* soapbubble: :func:`soapbubble.certify.certify` (``batched=True`` over the
+* soapbubble: :func:`soapbubble.certify` (``batched=True`` over the
   images), the model from :func:`soapbubble.models.load`, radius table built
   beforehand (closed form, not timed); the batch size is the fastest of a few,
   chosen by a timed pass, as for the baseline.
@@ -67,7 +67,8 @@ import cohen_reference as ref
 from _common import command_line, cpu_snapshot, machine, others_share, sharing_sentence, write_section
 
 from soapbubble import main_job, models, noise
-from soapbubble.certify import CHUNK, cached_radius_table, certify
+from soapbubble import cached_radius_table, certify
+from soapbubble.counting import CHUNK
 from soapbubble.models import convert
 
 SIGMA = 0.25
@@ -149,7 +150,7 @@ class Case:
 def _shapes(n: int, batch: int) -> list[tuple[int, int]]:
     """(rows, calls) of the forward passes soapbubble's certify makes per input (n0 pass, n pass)."""
     out = []
-    for num in (N0, n):  # whole chunks, never more than the samples need (soapbubble.certify)
+    for num in (N0, n):  # whole chunks, never more than the samples need (soapbubble.counting)
         rows = min(max(1, batch // CHUNK), -(-num // CHUNK)) * CHUNK
         out.append((rows, -(-num // rows)))
     return out

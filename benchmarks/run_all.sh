@@ -37,6 +37,7 @@ else
 fi
 run benchmarks/bench_vs_cohen.py "${QUICK[@]}"
 run benchmarks/bench_scaling.py "${QUICK[@]}"
+run benchmarks/bench_sequential.py "${QUICK[@]}"
 if [ "$GPU" = 1 ]; then
   run benchmarks/bench_vs_cohen.py --gpu "${QUICK[@]}"
 fi

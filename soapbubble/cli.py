@@ -4,7 +4,9 @@ Commands:
   demo      the main job: train or load the default model, certify the embedded
             digits test set with Gaussian, l2-family and mixed l_inf noise, write
             TSVs, a JSON summary, tables and plots.
-  certify   certify a dataset with a model (Cohen et al.'s protocol), resumable.
+  certify   certify a dataset with a model (Cohen et al.'s protocol), resumable;
+            one process's share of the rows under jax.distributed.
+  merge     join the parts of a multi-process certify run into one TSV.
   train     train a model with noise augmentation (resumable).
   convert   convert a published PyTorch checkpoint (Cohen et al., Salman et al.).
   analyze   certified-accuracy tables and plots from certification TSVs.
@@ -63,47 +65,170 @@ def _family(args, d):
     return _family_class(args.noise)(sigma, k)
 
 
+def _processes(args) -> tuple[int, int]:
+    """``(index, count)`` of this process: from ``jax.distributed`` (``--distributed``,
+    ``--coordinator``) or ``--process-index/--process-count``; ``(0, 1)`` alone.
+
+    ``jax.distributed.initialize`` runs here, before any JAX computation, as it must.
+    """
+    index, count = args.process_index, args.process_count
+    if count is not None and index is not None and index >= count:
+        raise ValueError(f"--process-index must be in [0, --process-count) = [0, {count}), got {index}")
+    if args.coordinator is not None and (index is None or count is None):
+        raise ValueError("--coordinator needs --process-id (or --process-index) and --process-count")
+    if not (args.distributed or args.coordinator is not None):
+        if (index is None) != (count is None):
+            raise ValueError("--process-index and --process-count go together (or use --distributed / --coordinator)")
+        return (0, 1) if count is None else (index, count)
+    import jax
+
+    try:
+        # Explicit values where given; the rest from the cluster's environment (Slurm, Open MPI, TPU, ...).
+        jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=count, process_id=index)
+    except (RuntimeError, ValueError) as e:
+        what = "--coordinator" if args.coordinator is not None else "--distributed"
+        hint = "" if args.coordinator is not None else (
+            " (--distributed discovers the cluster on Slurm, Open MPI and Cloud TPU; elsewhere use --coordinator"
+            " HOST:PORT --process-id I --process-count P)")
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"{what}: jax.distributed.initialize() failed: {why}{hint}") from e
+    return jax.process_index(), jax.process_count()
+
+
+def _load_model_in_this_process(path):
+    """``models.load(path)`` for one of several processes.
+
+    Under ``jax.distributed`` orbax treats a restore as a collective: a barrier over every
+    process and arrays laid out on the saved (global) devices, which fails on any process
+    that does not own device 0. Here each process restores the variables alone, as host
+    arrays, and checks them against the architecture as ``models.load`` does.
+    """
+    import logging
+    import warnings
+
+    import flax.core
+    import jax
+    import numpy as np
+    import orbax.checkpoint as ocp
+
+    from soapbubble.models import io, registry
+
+    path = os.path.abspath(os.fspath(path))
+    meta = io._read_meta(path)
+    var_path = os.path.join(path, "variables")
+    if not os.path.isdir(var_path):
+        raise FileNotFoundError(f"saved model at {path!r} lacks its variables: {var_path!r} is missing")
+    me = jax.process_index()
+    alone = ocp.options.MultiprocessingOptions(primary_host=None, active_processes={me},
+                                               barrier_sync_key_prefix=f"soapbubble-load-{me}")
+    checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(multiprocessing_options=alone),
+                                    multiprocessing_options=alone)
+    absl_log = logging.getLogger("absl")
+    level = absl_log.level
+    absl_log.setLevel(logging.ERROR)  # orbax warns that size logging is off without a primary host
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            tree = checkpointer.metadata(var_path).item_metadata.tree
+            restore = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+            raw = checkpointer.restore(var_path, args=ocp.args.PyTreeRestore(restore_args=restore))
+    finally:
+        absl_log.setLevel(level)
+    module = registry.build(meta.arch, **meta.config)
+    # On this process's first device, committed, as orbax's own restore leaves them.
+    variables = jax.device_put(io._match(raw, io._expected(module, meta.input_shape)), jax.local_devices()[0])
+    apply_fn = io.ApplyFn.of(meta.arch, meta.config, meta.input_shape)
+    return jax.tree_util.Partial(apply_fn, flax.core.freeze(variables))
+
+
 def _certify(args) -> int:
+    process_index, process_count = _processes(args)  # first: jax.distributed must start before any computation
+
     import jax
     from tqdm.auto import tqdm
 
-    from soapbubble import certify as certify_lib
-    from soapbubble import data, main_job, models, runner
+    import soapbubble
+    from soapbubble import data, main_job, merge, models, runner
 
     dataset = data.load(args.dataset, args.split, data_dir=args.data_dir)
     if args.model is None:
         if args.dataset != "digits":
             raise ValueError(f"--model is required for dataset {args.dataset!r} (the default model is for digits)")
-        logits_fn, model_path = main_job.default_model(progress=not args.quiet)
+        default_dir = main_job.cache_dir() / "models" / "default"
+        if process_count > 1 and not (default_dir / "model" / models.io.META_FILE).exists():
+            # Several processes would train it at once into the same cache; train it once first.
+            raise ValueError(f"with {process_count} processes the default model must be trained first (it is not "
+                             f"in {os.fspath(default_dir / 'model')}): run soapbubble train --default --workdir "
+                             f"{os.fspath(default_dir)}, or pass --model DIR")
+        if process_count > 1:
+            model_path = default_dir / "model"
+            logits_fn = _load_model_in_this_process(model_path)
+        else:
+            logits_fn, model_path = main_job.default_model(progress=not args.quiet)
     else:
         model_path = pathlib.Path(args.model)
-        logits_fn = models.load(model_path)
+        logits_fn = _load_model_in_this_process(model_path) if process_count > 1 else models.load(model_path)
     d = math.prod(dataset.image_shape)
     family = _family(args, d)
-    alpha_d = args.alpha / 2
-    table = certify_lib.cached_radius_table(family, d, args.attack, alpha_d=alpha_d, table_dir=args.table_dir)
+    budget = soapbubble.worst_case(family, args.attack).alpha_budget(args.alpha)
+    table = soapbubble.cached_radius_table(family, d, args.attack, alpha_d=budget.alpha_d, table_dir=args.table_dir)
     key = jax.random.key(args.seed)
 
-    def certify_row(idx, x):
-        cert = certify_lib.certify(jax.random.fold_in(key, idx), logits_fn, x, family, attack=args.attack,
-                                   n0=args.n0, n=args.n, alpha=args.alpha, batch_size=args.batch, table=table)
-        return int(cert.prediction), float(cert.radius)
+    columns, group = (), 1
+    if args.radii is None:
+        def certify_row(idx, x):
+            cert = soapbubble.certify(jax.random.fold_in(key, idx), logits_fn, x, family, attack=args.attack,
+                                      n0=args.n0, n=args.n, alpha=args.alpha, batch_size=args.batch, table=table)
+            return int(cert.prediction), float(cert.radius)
+    else:
+        # The sequential route: rows in groups through one compiled pool; row idx keeps key
+        # fold_in(key, idx) (the group's rows are certified with their own idx).
+        import numpy as np
 
-    import soapbubble
+        radii = np.asarray(args.radii)
+        columns, group = ("n_used", *(f"certified_{r:g}" for r in radii)), args.group
+
+        def certify_row(idxs, xs):
+            certs = [None] * len(idxs)
+            out = soapbubble.certify_radii(key, logits_fn, np.stack(xs), family, radii, attack=args.attack,
+                                           n0=args.n0, max_n=args.n, alpha=args.alpha, batch_size=args.batch,
+                                           table=table, row_ids=np.asarray(idxs))
+            for i in range(len(idxs)):
+                best = radii[out.certified[i]].max(initial=0.0) if out.prediction[i] >= 0 else 0.0
+                certs[i] = (int(out.prediction[i]), float(best), int(out.n_used[i]),
+                            *(int(c) for c in out.certified[i]))
+            return certs
 
     parameters = {
         "dataset": args.dataset, "split": args.split, "model": os.fspath(model_path), "noise": family.describe(),
         "attack": args.attack, "n0": args.n0, "n": args.n, "alpha": args.alpha, "batch_size": args.batch,
         "seed": args.seed, "key": f"jax.random.fold_in(jax.random.key({args.seed}), idx)",
-        "table": table.identity(), "soapbubble_version": soapbubble.__version__,
+        "table": table.identity(), "alpha_budget": budget.as_dict(), "soapbubble_version": soapbubble.__version__,
     }
+    if args.radii is not None:
+        parameters.update(route="sequential", radii=list(args.radii), max_n=parameters.pop("n"))
     total = len(dataset) if args.max is None else min(len(dataset), args.max)
-    rows = ((i, *dataset[i]) for i in range(total))
-    bar = None if args.quiet else (lambda it: tqdm(it, total=-(-total // args.skip), desc="certify", unit="img"))
-    result = runner.run_dataset(rows, certify_row, args.out, parameters, skip=args.skip, max_index=args.max,
-                                progress=bar)
+    # This process's share: the selected rows (idx % skip == 0, idx < total) at positions
+    # process_index, process_index + P, ... of the selection (soapbubble.merge). Keys stay per idx.
+    indices = merge.shard_indices(total, args.skip, process_index, process_count)
+    out = merge.part_path(args.out, process_index, process_count)
+    if process_count > 1:
+        parameters[merge.SHARD_KEY] = merge.shard_parameters(process_index, process_count, args.skip, total)
+    rows = ((i, *dataset[i]) for i in indices)  # skipped rows are never decoded
+    bar = None if args.quiet else (lambda it: tqdm(it, total=len(indices), desc="certify", unit="img"))
+    result = runner.run_dataset(rows, certify_row, out, parameters, skip=args.skip, max_index=args.max,
+                                progress=bar, columns=columns, group=group)
     resumed = "" if result.resumed_after is None else f" (resumed after idx {result.resumed_after})"
-    print(f"soapbubble certify: {result.written} rows written to {args.out}{resumed}")
+    share = "" if process_count == 1 else f" (process {process_index} of {process_count})"
+    print(f"soapbubble certify: {result.written} rows written to {os.fspath(out)}{resumed}{share}")
+    return 0
+
+
+def _merge(args) -> int:
+    from soapbubble import merge
+
+    result = merge.merge(args.out, args.parts)
+    print(f"soapbubble merge: {result.rows} rows of {result.parts} parts written to {os.fspath(result.path)}")
     return 0
 
 
@@ -140,18 +265,44 @@ def _convert(args) -> int:
 
 
 def _analyze(args) -> int:
-    import numpy as np
-
     from soapbubble import analyze
 
-    results = [analyze.read_results(path) for path in args.results]
-    radii = args.radii or list(np.round(np.linspace(0, max(float(r.radius.max()) for r in results), 6), 4))
-    print("Certified accuracy, approximate [high-probability, rho = %g]:" % args.rho)
-    print(analyze.format_table(results, radii, alpha=args.alpha, rho=args.rho))
-    if args.plot:
-        path = analyze.plot_certified_accuracy(results, args.plot, max_radius=args.max_radius, alpha=args.alpha,
-                                               rho=args.rho)
-        print(f"soapbubble analyze: plot written to {path}")
+    # Row names: the paths as given, whole (the table's first column is as wide as the longest).
+    results = [analyze.read_results(path, name=os.fspath(path)) for path in args.results]
+    # Threat model: the sidecar's, else --attack (default l2). One table (and plot) per threat model.
+    groups: dict[str, list] = {}
+    for res in results:
+        groups.setdefault(res.attack or args.attack or "l2", []).append(res)
+    for attack, group in groups.items():
+        # Sequential runs decided their target radii only: report exactly those.
+        targets = sorted({r for res in group for r in (res.target_radii or ())})
+        radii = args.radii or targets or analyze.default_radii(
+            max((float(r.radius.max()) for r in group if len(r)), default=0.0), attack)
+        labels = [analyze.radius_label(r, attack) for r in radii]
+        alphas = {res.name: analyze.certificate_alphas(res, args.alpha) for res in group}
+        confidence = {name: 1 - args.rho - alpha_d for name, (_, alpha_d) in alphas.items()}
+        for name, value in confidence.items():
+            if value <= 0:
+                raise ValueError(f"--rho {args.rho:g} leaves no confidence for {name} (1 - rho - alpha_d = {value:g})")
+        if len(set(alphas.values())) == 1:
+            alpha_p, alpha_d = next(iter(alphas.values()))
+            detail = (f"with probability >= 1 - rho - alpha_d = {1 - args.rho - alpha_d:g} "
+                      f"(rho = {args.rho:g}, alpha_d = {alpha_d:g}, alpha_p = {alpha_p:g})")
+        else:
+            detail = "with probability >= 1 - rho - alpha_d = " + ", ".join(
+                f"{confidence[name]:g} for {name} (alpha_d = {a_d:g}, alpha_p = {a_p:g})"
+                for name, (a_p, a_d) in alphas.items()) + f"; rho = {args.rho:g}"
+        table = analyze.format_table(group, radii, alpha=args.alpha, rho=args.rho, unit=f" ({attack})",
+                                     labels=labels)
+        print(f"Certified accuracy (%), {attack} attack: approximate [high-probability, {detail}]:")
+        print(table)
+        if args.plot:
+            plot = pathlib.Path(args.plot)
+            if len(groups) > 1:
+                plot = plot.with_name(f"{plot.stem}_{attack}{plot.suffix}")
+            path = analyze.plot_certified_accuracy(group, plot, max_radius=args.max_radius, alpha=args.alpha,
+                                                   rho=args.rho, xlabel=f"{attack} radius")
+            print(f"soapbubble analyze: plot written to {path}")
     return 0
 
 
@@ -160,45 +311,29 @@ def _toy(args) -> int:
     import jax.numpy as jnp
     import numpy as np
 
+    import soapbubble
     from soapbubble import noise
-    from soapbubble.bounds import stats
 
     d, sigma, n, alpha = args.d, args.sigma, args.n, args.alpha
-    key = jax.random.key(args.seed)
-    k_w, k_x, k_noise = jax.random.split(key, 3)
+    k_w, k_x, k_certify = jax.random.split(jax.random.key(args.seed), 3)
     w = jax.random.normal(k_w, (d,))
     w = w / jnp.linalg.norm(w)
-    # Points at known signed distances from the hyperplane w.x = 0.
+    # Points at known signed distances from the hyperplane w.x = 0: the exact robust
+    # radius of the smoothed classifier is the distance itself (Gaussian, l2).
     distances = jnp.linspace(-0.25, 1.5, args.points)
     base = jax.random.normal(k_x, (args.points, d))
     base = base - (base @ w)[:, None] * w
     x = base + distances[:, None] * w
-    family = noise.Gaussian(sigma)
-    batch = min(n, 10_000)
-    batches = -(-n // batch)
-
-    @jax.jit
-    def count_class_one(key, xi):
-        def body(carry, key):
-            z = family.sample(key, batch, (d,))
-            return carry + jnp.sum((xi + z) @ w > 0), None
-
-        total, _ = jax.lax.scan(body, jnp.int32(0), jax.random.split(key, batches))
-        return total
-
-    counts = jax.vmap(count_class_one)(jax.random.split(k_noise, args.points), x)
-    total = batches * batch
-    top = jnp.where(distances > 0, counts, total - counts)
-    with jax.enable_x64(True):
-        p_lower = np.asarray(stats.clopper_pearson_lower(np.asarray(top, np.int64), total, alpha))
-        # Never round a radius up: step one ulp down from the float64 value.
-        radius = np.nextafter(np.asarray(stats.gaussian_radius(p_lower, sigma)), -np.inf)
-    radius = np.where(p_lower > 0.5, radius, 0.0)
-    print(f"Toy certification: linear classifier in d={d}, Gaussian noise sigma={sigma}, n={total}, alpha={alpha}")
+    logits_fn = jax.tree_util.Partial(lambda w, b: jnp.stack([-(b @ w), b @ w], axis=-1), w)
+    cert = soapbubble.certify(k_certify, logits_fn, x, noise.Gaussian(sigma), n=n, alpha=alpha, batched=True,
+                              batch_size=min(10_000, max(50, n)))
+    truth = np.where(np.asarray(distances) > 0, 1, 0)
+    print(f"Toy certification: linear classifier in d={d}, Gaussian noise sigma={sigma}, n={n}, alpha={alpha}")
     print(f"{'exact radius':>13} {'p_lower':>9} {'certified':>10}  sound")
     ok = True
-    for dist, p, r in zip(np.abs(np.asarray(distances)), p_lower, radius):
-        sound = r <= dist
+    for dist, p, r, pred, want in zip(np.abs(np.asarray(distances)), cert.p_lower, cert.radius, cert.prediction,
+                                      truth):
+        sound = pred == -1 or (pred == want and r <= dist)
         ok &= bool(sound)
         print(f"{dist:13.4f} {p:9.5f} {r:10.4f}  {'yes' if sound else 'NO'}")
     return 0 if ok else 1
@@ -225,13 +360,41 @@ def _ranged(kind, name, low=None, high=None, low_open=False, high_open=False):
     return parse
 
 
+def _host_port(text):
+    """--coordinator: HOST:PORT, PORT an integer in [1, 65535]."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"--coordinator must be HOST:PORT with PORT in [1, 65535] "
+                                         f"(e.g. 10.0.0.1:1234), got {text!r}")
+    return text
+
+
+def _radii_list(text, option="--radii"):
+    """--radii: comma-separated finite numbers >= 0 (sorted, duplicates dropped)."""
+    allowed = "comma-separated finite numbers >= 0 (e.g. 0,0.25,0.5)"
+    values = []
+    for entry in text.split(","):
+        entry = entry.strip()
+        try:
+            value = float(entry)
+        except ValueError:
+            why = "an empty entry" if not entry else f"{entry!r} is not a number"
+            raise argparse.ArgumentTypeError(f"{option} must be {allowed}, got {text!r} ({why})") from None
+        if not 0 <= value < math.inf:
+            raise argparse.ArgumentTypeError(
+                f"{option} must be {allowed}, got {text!r} ({entry!r} is not a finite number >= 0)")
+        values.append(value)
+    return sorted(set(values))
+
+
 def _common_certify_args(p, n_default):
-    p.add_argument("--n0", type=_ranged(int, "--n0", 1), default=100, help="selection samples per input (default 100)")
-    p.add_argument("--n", type=_ranged(int, "--n", 1, 2**20), default=n_default,
+    p.add_argument("--n0", type=_ranged(int, "--n0", 1, 2**31 - 1), default=100, help="selection samples per input (default 100)")
+    p.add_argument("--n", type=_ranged(int, "--n", 1, 2**31 - 1), default=n_default,
                    help=f"estimation samples per input (default {n_default})")
     p.add_argument("--alpha", type=_ranged(float, "--alpha", 0, 1, True, True), default=0.001,
                    help="failure probability of each certificate, in (0, 1) (default 0.001)")
-    p.add_argument("--batch", type=_ranged(int, "--batch", 1), default=1000, help="noise samples per step (default 1000)")
+    p.add_argument("--batch", type=_ranged(int, "--batch", 50, 2**31 - 1), default=1000,
+                   help="noise samples per device per step, >= 50 (one noise chunk; default 1000)")
     p.add_argument("--seed", type=int, default=0, help="PRNG seed (default 0)")
     p.add_argument("--max", type=_ranged(int, "--max", 1), default=None, help="stop before this index (Cohen's --max)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -263,8 +426,32 @@ def build_parser() -> argparse.ArgumentParser:
     cert.add_argument("--skip", type=_ranged(int, "--skip", 1), default=1, help="certify every skip-th input")
     cert.add_argument("--table-dir", help="radius table cache (default $SOAPBUBBLE_CACHE/tables)")
     cert.add_argument("--out", required=True, help="output TSV (a rerun with the same arguments resumes)")
+    cert.add_argument("--radii", type=lambda t: _radii_list(t, "--radii"), default=None,
+                      help="target radii, comma-separated: decide each sequentially with as few samples as"
+                           " possible (--n is then the most an input may use); the TSV gets n_used and one"
+                           " certified_<r> column per radius")
+    cert.add_argument("--group", type=_ranged(int, "--group", 1, 2**20), default=256,
+                      help="rows per compiled call with --radii (default 256)")
+    multi = cert.add_argument_group(
+        "many processes", "certify this process's share of the rows (see soapbubble.merge); with P > 1 processes"
+        " the output is <out>.part-<p>-of-<P>.tsv (5 digits each), joined by soapbubble merge")
+    multi.add_argument("--distributed", action="store_true",
+                       help="call jax.distributed.initialize() (cluster discovery from the environment: Slurm,"
+                            " Open MPI, Cloud TPU) and take the share of jax.process_index() of jax.process_count()")
+    multi.add_argument("--coordinator", type=_host_port, default=None, metavar="HOST:PORT",
+                       help="jax.distributed.initialize(coordinator_address=HOST:PORT, num_processes="
+                            "--process-count, process_id=--process-id): process 0 serves on HOST:PORT")
+    multi.add_argument("--process-index", "--process-id", dest="process_index", default=None, metavar="I",
+                       type=_ranged(int, "--process-index", 0), help="this process's index, in [0, P)")
+    multi.add_argument("--process-count", type=_ranged(int, "--process-count", 1), default=None, metavar="P",
+                       help="number of processes P (without --coordinator/--distributed: no jax.distributed)")
     _common_certify_args(cert, 100_000)
     cert.set_defaults(run=_certify)
+
+    mg = sub.add_parser("merge", help="join the part TSVs of a multi-process certify run into one TSV")
+    mg.add_argument("out", help="merged TSV (its sidecar <out>.json gets the run's parameters)")
+    mg.add_argument("parts", nargs="+", help="every process's TSV (<out>.part-<p>-of-<P>.tsv), any order")
+    mg.set_defaults(run=_merge)
 
     tr = sub.add_parser("train", help="train a model with noise augmentation (resumable)")
     tr.add_argument("--dataset", default="digits", help="digits (embedded) or cifar10 (tfds)")
@@ -293,19 +480,28 @@ def build_parser() -> argparse.ArgumentParser:
     conv.set_defaults(run=_convert)
 
     an = sub.add_parser("analyze", help="certified-accuracy table and plot from certify TSVs")
+
     an.add_argument("results", nargs="+", help="TSV files (soapbubble's or Cohen et al.'s)")
-    an.add_argument("--radii", type=lambda t: [float(v) for v in t.split(",")], help="comma-separated radii")
+    an.add_argument("--radii", type=_radii_list,
+                    help="comma-separated radii, finite and >= 0 (default: l2 0, 0.25, 0.5, ... up to "
+                         "max(2, the largest radius); l_inf 0, 1/255, 2/255, 4/255, ... up to the largest)")
+    an.add_argument("--attack", choices=("l2", "linf"), default=None,
+                    help="threat model of files whose sidecar does not record one (default l2)")
     an.add_argument("--alpha", type=_ranged(float, "--alpha", 0, 1, True, True), default=0.001,
-                    help="per-certificate failure probability used for the high-probability curve")
-    an.add_argument("--rho", type=_ranged(float, "--rho", 0, 1, True, True), default=0.001)
-    an.add_argument("--plot", help="write a PNG of the curves here")
-    an.add_argument("--max-radius", type=_ranged(float, "--max-radius", 0, None, True), default=None)
+                    help="per-certificate failure probability alpha_p for the high-probability column of files "
+                         "whose sidecar has no alpha_budget (then alpha_d = 0); default 0.001")
+    an.add_argument("--rho", type=_ranged(float, "--rho", 0, 1, True, True), default=0.001,
+                    help="probability allowed for more wrong certificates than the bound (default 0.001); "
+                         "the high-probability column holds with probability >= 1 - rho - alpha_d")
+    an.add_argument("--plot", help="write a PNG of the curves here (one per threat model: <name>_<attack>.png)")
+    an.add_argument("--max-radius", type=_ranged(float, "--max-radius", 0, None, True), default=None,
+                    help="x-axis extent of the plot")
     an.set_defaults(run=_analyze)
 
     toy = sub.add_parser("toy", help="certify a linear classifier with a known robust radius (seconds)")
     toy.add_argument("--d", type=_ranged(int, "--d", 1), default=64, help="input dimension (default 64)")
     toy.add_argument("--sigma", type=_ranged(float, "--sigma", 0, None, True), default=0.5)
-    toy.add_argument("--n", type=_ranged(int, "--n", 1, 2**20), default=100_000)
+    toy.add_argument("--n", type=_ranged(int, "--n", 1, 2**31 - 1), default=100_000)
     toy.add_argument("--alpha", type=_ranged(float, "--alpha", 0, 1, True, True), default=0.001)
     toy.add_argument("--points", type=_ranged(int, "--points", 1), default=8)
     toy.add_argument("--seed", type=int, default=0)

@@ -24,7 +24,7 @@ import pathlib
 import time
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
-__all__ = ["HEADER", "RunResult", "format_radius", "completed_rows", "run_dataset", "sidecar_path"]
+__all__ = ["HEADER", "RunResult", "format_radius", "completed_rows", "header", "run_dataset", "sidecar_path"]
 
 HEADER = "idx\tlabel\tpredict\tradius\tcorrect\ttime"
 
@@ -55,21 +55,34 @@ def sidecar_path(path: str | os.PathLike) -> pathlib.Path:
     return path.with_name(path.name + ".json")
 
 
-def completed_rows(path: str | os.PathLike) -> list[list[str]]:
-    """Complete data rows of a TSV (a trailing line without newline is incomplete)."""
+def header(columns: tuple[str, ...] = ()) -> str:
+    """The TSV header: Cohen et al.'s columns, then ``columns`` (e.g. ``n_used``, one per target radius)."""
+    return "\t".join((HEADER, *columns))
+
+
+def completed_rows(path: str | os.PathLike, columns: tuple[str, ...] | None = None) -> list[list[str]]:
+    """Complete data rows of a TSV (a trailing line without newline is incomplete).
+
+    Args:
+      path: the TSV.
+      columns: the extra columns it must have after Cohen et al.'s (None: any).
+    """
     text = pathlib.Path(path).read_text()
     lines = text.split("\n")
     complete = lines[:-1]  # the piece after the last newline is partial (or empty)
-    if not complete or complete[0] != HEADER:
-        raise ValueError(f"{os.fspath(path)!r} is not a soapbubble certification TSV (header {HEADER!r} expected)")
+    want = None if columns is None else header(tuple(columns))
+    if not complete or not complete[0].startswith(HEADER) or (want is not None and complete[0] != want):
+        raise ValueError(
+            f"{os.fspath(path)!r} is not a soapbubble certification TSV (header {want or HEADER!r} expected)")
+    fields = len(complete[0].split("\t"))
     rows = [line.split("\t") for line in complete[1:]]
     for line_no, row in enumerate(rows, start=2):
-        if len(row) != 6:
-            raise ValueError(f"{os.fspath(path)!r} line {line_no} has {len(row)} fields, expected 6")
+        if len(row) != fields:
+            raise ValueError(f"{os.fspath(path)!r} line {line_no} has {len(row)} fields, expected {fields}")
     return rows
 
 
-def _prepare_output(path: pathlib.Path, parameters: Mapping[str, Any]) -> int | None:
+def _prepare_output(path: pathlib.Path, parameters: Mapping[str, Any], columns: tuple[str, ...]) -> int | None:
     """Creates the files, or checks them for a resume. Returns the last complete idx."""
     side = sidecar_path(path)
     if path.exists():
@@ -86,16 +99,16 @@ def _prepare_output(path: pathlib.Path, parameters: Mapping[str, Any]) -> int | 
                 f"{os.fspath(path)!r} was written with other parameters ({', '.join(changed)}); "
                 "use another output path or remove the file"
             )
-        rows = completed_rows(path)
+        rows = completed_rows(path, columns)
         # Drop a partial trailing line so appended rows start on a fresh line.
-        keep = (HEADER + "\n" + "".join("\t".join(r) + "\n" for r in rows)).encode()
+        keep = (header(columns) + "\n" + "".join("\t".join(r) + "\n" for r in rows)).encode()
         with open(path, "r+b") as f:
             f.truncate(len(keep))
         return int(rows[-1][0]) if rows else None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "w") as f:
-            f.write(HEADER + "\n")
+            f.write(header(columns) + "\n")
     except OSError as e:
         raise OSError(f"cannot write the output file {os.fspath(path)!r}: {e.strerror}") from e
     side.write_text(json.dumps({"parameters": dict(parameters)}, indent=2, sort_keys=True) + "\n")
@@ -111,6 +124,8 @@ def run_dataset(
     skip: int = 1,
     max_index: int | None = None,
     progress: Callable[[Iterator], Iterator] | None = None,
+    columns: tuple[str, ...] = (),
+    group: int = 1,
 ) -> RunResult:
     """Certifies ``rows`` into ``out_path``, resuming after the last complete row.
 
@@ -129,6 +144,12 @@ def run_dataset(
       skip: certify every ``skip``-th row (``idx % skip == 0``), as Cohen et al.
       max_index: stop before the row with this ``idx`` (Cohen et al.'s ``--max``).
       progress: optional wrapper of the row iterator (e.g. tqdm).
+      columns: extra columns after Cohen et al.'s; ``certify_row`` then returns
+        ``(prediction, radius, *values)`` with one string per column.
+      group: rows per call: with ``group > 1``, ``certify_row`` receives a list
+        of idx and a list of inputs and returns a list of results (one compiled
+        call for many small inputs); each row's time is the group's time over
+        its rows. Rows are still written, flushed and resumed one by one.
 
     Returns:
       A :class:`RunResult` (for several outputs: the first one's path, rows
@@ -140,8 +161,11 @@ def run_dataset(
     paths = {None: pathlib.Path(out_path)} if single else {k: pathlib.Path(v) for k, v in out_path.items()}
     if not paths:
         raise ValueError("out_path must name at least one output file")
+    if group < 1:
+        raise ValueError(f"group must be >= 1, got {group}")
+    columns = tuple(columns)
     lasts = {
-        name: _prepare_output(path, parameters if single else {**parameters, "output": name})
+        name: _prepare_output(path, parameters if single else {**parameters, "output": name}, columns)
         for name, path in paths.items()
     }
     done = [-1 if last is None else last for last in lasts.values()]
@@ -161,23 +185,31 @@ def run_dataset(
         iterator = progress(iterator)
     files = {name: open(path, "a") for name, path in paths.items()}
     try:
-        for idx, x, label in iterator:
+        for batch in _groups(iterator, group):
             start = time.perf_counter()
-            result = certify_row(idx, x)
-            elapsed = datetime.timedelta(seconds=time.perf_counter() - start)
-            results = {None: result} if single else result
-            for name, f in files.items():
-                last = lasts[name]
-                if last is not None and idx <= last:
-                    continue  # this file already has the row
-                prediction, radius = results[name]
-                prediction = int(prediction)
-                radius = float(radius) if prediction >= 0 else 0.0
-                correct = int(prediction == int(label))
-                f.write(f"{idx}\t{int(label)}\t{prediction}\t{format_radius(radius)}\t{correct}\t{elapsed}\n")
-                f.flush()
-                os.fsync(f.fileno())
-            written += 1
+            if group == 1:
+                batch_results = [certify_row(batch[0][0], batch[0][1])]
+            else:
+                batch_results = list(certify_row([b[0] for b in batch], [b[1] for b in batch]))
+            elapsed = datetime.timedelta(seconds=(time.perf_counter() - start) / len(batch))
+            for (idx, _, label), result in zip(batch, batch_results):
+                results = {None: result} if single else result
+                for name, f in files.items():
+                    last = lasts[name]
+                    if last is not None and idx <= last:
+                        continue  # this file already has the row
+                    prediction, radius, *extra = results[name]
+                    if len(extra) != len(columns):
+                        raise ValueError(f"certify_row returned {len(extra)} extra values for columns {columns}")
+                    prediction = int(prediction)
+                    radius = float(radius) if prediction >= 0 else 0.0
+                    correct = int(prediction == int(label))
+                    cells = [str(idx), str(int(label)), str(prediction), format_radius(radius), str(correct),
+                             str(elapsed), *map(str, extra)]
+                    f.write("\t".join(cells) + "\n")
+                    f.flush()
+                    os.fsync(f.fileno())
+                written += 1
     finally:
         for f in files.values():
             f.close()
@@ -187,3 +219,14 @@ def run_dataset(
         written=written,
         resumed_after=None if all(r is None for r in resumed) else min(-1 if r is None else r for r in resumed),
     )
+
+
+def _groups(iterator: Iterator, size: int) -> Iterator[list]:
+    batch = []
+    for item in iterator:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch

@@ -22,10 +22,36 @@ Certified-radius objective (``macer_weight > 0``): per image, ``macer_samples``
 noisy copies give the soft smoothed probabilities ``p = mean softmax(logits)``
 (classification loss ``-log p_y``) and ``p_beta = mean softmax(beta * logits)``;
 for images whose ``p_beta`` ranks the true class first, the hinge
-``max(0, gamma - R)`` on the Gaussian radius ``R = sigma * Phi^-1(p_beta_y)``
-(:func:`soapbubble.bounds.stats.gaussian_radius`, differentiable; ``p`` clipped to
-``[1e-6, 1 - 1e-6]``) is added with weight ``macer_weight``. For non-Gaussian
-families the Gaussian radius at the family's ``sigma`` serves as the surrogate.
+``max(0, gamma - R)`` on the differentiable radius ``R`` of the true class is
+added with weight ``macer_weight``. ``R`` is the training family's own radius
+(:func:`soapbubble.objectives.radius_from_logits`: ``p_beta_y`` clipped to
+``[1e-6, 1 - 1e-6]``, then the family's ``RadiusTable.smooth_radius``), for the
+attack ``config.objective_attack``:
+
+=========  =====================  ==================================================
+family     attack (default)       radius table (built once per run, see below)
+=========  =====================  ==================================================
+Gaussian   l2 (or linf)           closed form, ``R = sigma_eff * Phi^-1(p)``
+L2Family   l2 (or linf)           exact quadrature
+MixedLinf  linf (l2 is refused)   Monte Carlo, ``macer_table_samples`` samples, fixed key
+PureLinf   surrogate              no radius is proven: the Gaussian radius at the
+                                  family's ``sigma`` stands in (with a warning)
+=========  =====================  ==================================================
+
+``gamma`` is in radius units of that attack (pixel space). Its default, 8, is
+above every radius these tables reach for pixel-space scales ``sigma <= 1`` (l2:
+``6 sigma``; linf: ``12 sigma / sqrt(d)`` at most), so, as with MACER's ``gamma = 8``,
+the hinge acts on every correctly classified image. An linf radius is about
+``sqrt(d)`` times smaller than an l2 radius, and so is its gradient: scale
+``macer_weight`` accordingly. For the tabulated families (L2Family, MixedLinf)
+the radius is clamped, with zero gradient, below the table's first threshold
+``p_min(0)`` (about 1/2) and above its last finite one, so only images with
+``p_beta_y`` above about 1/2 are pushed; the Gaussian's closed form also pushes
+(negative) radii below 1/2. The table is built by
+:func:`soapbubble.bounds.cache.cached_radius_table` into ``workdir/tables`` (a
+resumed run reads it back) and enters the compiled step as constants: the step
+is compiled once per configuration. It is a training objective, not a
+certificate (:mod:`soapbubble.objectives`).
 
 Example:
   >>> import jax, tempfile
@@ -41,6 +67,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import warnings
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -51,14 +78,17 @@ import optax
 
 from soapbubble import data as data_lib
 from soapbubble import noise as noise_lib
+from soapbubble import objectives
 from soapbubble.bounds import stats
+from soapbubble.bounds import table as table_lib
 from soapbubble.models import io as model_io
 from soapbubble.models import registry
 
 __all__ = ["DEFAULT_CONFIG", "TrainConfig", "TrainResult", "evaluate", "macer_loss", "train", "train_default_model"]
 
 _CONFIG_FILE = "train_config.json"
-_P_CLIP = 1e-6  # keeps Phi^-1 and its gradient finite in the MACER hinge
+_P_CLIP = objectives.P_CLIP  # keeps Phi^-1 and its gradient finite in the MACER hinge
+_TABLE_DIR = "tables"  # the objective's radius table, under workdir
 
 
 def _bad(name: str, value: Any, allowed: str) -> ValueError:
@@ -92,8 +122,15 @@ class TrainConfig:
       random_flip: random horizontal flips (off for digits).
       macer_weight: weight of the certified-radius hinge (>= 0; 0 = off).
       macer_samples: noise draws per image for the soft smoothed classifier (>= 1).
-      macer_gamma: hinge margin on the radius (> 0).
+      macer_gamma: hinge margin on the radius (> 0), in radius units of the
+        objective's attack (see the module docstring for the default).
       macer_beta: inverse temperature of the soft smoothed classifier (> 0).
+      radius_attack: attack whose radius the objective uses: None (the family's:
+        "l2" for Gaussian and L2Family, "linf" for MixedLinf, the "l2" Gaussian
+        surrogate for PureLinf), "l2" or "linf" ("l2" is refused for MixedLinf).
+        Resolved as :attr:`objective_attack`.
+      macer_table_samples: Monte Carlo samples of the MixedLinf radius table of
+        the objective (>= 1000; the other families' tables are exact).
       eval_batch_size: batch size of the clean-accuracy evaluation.
       progress: show a tqdm progress bar.
     """
@@ -114,6 +151,8 @@ class TrainConfig:
     macer_samples: int = 16
     macer_gamma: float = 8.0
     macer_beta: float = 16.0
+    radius_attack: str | None = None
+    macer_table_samples: int = 100_000
     eval_batch_size: int = 1000
     progress: bool = True
 
@@ -127,7 +166,7 @@ class TrainConfig:
         except TypeError as e:
             raise ValueError(f"model_config must be JSON-serializable: {e}") from e
         for name, lo in (("epochs", 1), ("batch_size", 1), ("lr_step_epochs", 1), ("random_crop_padding", 0),
-                         ("macer_samples", 1), ("eval_batch_size", 1)):
+                         ("macer_samples", 1), ("macer_table_samples", 1000), ("eval_batch_size", 1)):
             v = getattr(self, name)
             if not _is_int(v) or v < lo:
                 raise _bad(name, v, f"an integer >= {lo}")
@@ -147,6 +186,18 @@ class TrainConfig:
         for name in ("random_flip", "progress"):
             if not isinstance(getattr(self, name), bool):
                 raise _bad(name, getattr(self, name), "a bool")
+        if self.radius_attack not in (None, "l2", "linf"):
+            raise _bad("radius_attack", self.radius_attack, "None, 'l2' or 'linf'")
+        if isinstance(self.family, noise_lib.MixedLinf) and self.objective_attack != "linf":
+            raise ValueError("radius_attack='l2' is refused for MixedLinf: no worst case is proven for an l2 attack"
+                             " on it (Theorem 5 covers linf); use radius_attack=None or 'linf'")
+
+    @property
+    def objective_attack(self) -> str:
+        """The attack of the certified-radius objective: ``radius_attack`` or the family's default."""
+        if self.radius_attack is not None:
+            return self.radius_attack
+        return "linf" if isinstance(self.family, noise_lib.MixedLinf) else "l2"
 
     def describe(self) -> dict[str, Any]:
         """Plain-data description (JSON), the family as ``family.describe()``."""
@@ -190,6 +241,14 @@ def _fingerprint(key: jax.Array, config: TrainConfig, dataset) -> dict:
     desc = config.describe()
     for volatile in ("epochs", "progress", "eval_batch_size"):
         desc.pop(volatile)
+    # The objective's settings are recorded only where they change the run (so workdirs
+    # of runs without the objective, written before these fields existed, still resume).
+    desc.pop("radius_attack")
+    desc.pop("macer_table_samples")
+    if config.macer_weight > 0:
+        desc["radius_attack"] = config.objective_attack
+        if isinstance(config.family, noise_lib.MixedLinf):
+            desc["macer_table_samples"] = config.macer_table_samples
     return {
         "config": desc,
         "key": np.asarray(jax.random.key_data(key)).tolist(),
@@ -213,17 +272,23 @@ def _augment(key, images, padding: int, flip: bool):
     return images
 
 
-def macer_loss(logits: jax.Array, labels: jax.Array, sigma: float, *, weight: float, gamma: float,
-               beta: float) -> jax.Array:
+def macer_loss(logits: jax.Array, labels: jax.Array, sigma: float | None = None, *, weight: float, gamma: float,
+               beta: float, table: table_lib.RadiusTable | None = None) -> jax.Array:
     """MACER-style loss of the soft smoothed classifier (see the module docstring).
+
+    Give exactly one of ``sigma`` (the Gaussian radius ``sigma * Phi^-1(p)``, as
+    before tables existed) or ``table`` (the family's radius,
+    :func:`soapbubble.objectives.radius_from_logits`; the Gaussian closed-form l2
+    table gives the same values as ``sigma``).
 
     Args:
       logits: float (B, m, C), logits of m noisy copies of each of B images.
       labels: int (B,).
       sigma: scale of the Gaussian radius.
       weight: weight of the radius hinge.
-      gamma: hinge margin.
+      gamma: hinge margin, in radius units.
       beta: inverse temperature of the soft smoothed classifier.
+      table: the training family's :class:`~soapbubble.bounds.table.RadiusTable`.
 
     Returns:
       Scalar: ``mean(-log p_y) + weight * mean(hinge)``; finite, with finite gradients.
@@ -233,18 +298,43 @@ def macer_loss(logits: jax.Array, labels: jax.Array, sigma: float, *, weight: fl
       >>> float(macer_loss(jnp.zeros((2, 4, 10)), jnp.array([0, 1]), 0.25, weight=1.0, gamma=8.0, beta=16.0)) > 0
       True
     """
+    if (sigma is None) == (table is None):
+        raise ValueError("macer_loss needs exactly one of sigma (Gaussian radius) or table (the family's radius)")
     p = jnp.mean(jax.nn.softmax(logits, axis=-1), axis=1)
     ce = -jnp.log(jnp.take_along_axis(p, labels[:, None], axis=1)[:, 0] + 1e-10)
-    p_beta = jnp.mean(jax.nn.softmax(beta * logits, axis=-1), axis=1)
-    p_y = jnp.clip(jnp.take_along_axis(p_beta, labels[:, None], axis=1)[:, 0], _P_CLIP, 1 - _P_CLIP)
-    radius = stats.gaussian_radius(p_y, sigma)
+    if table is None:
+        p_beta = jnp.mean(jax.nn.softmax(beta * logits, axis=-1), axis=1)
+        p_y = jnp.clip(jnp.take_along_axis(p_beta, labels[:, None], axis=1)[:, 0], _P_CLIP, 1 - _P_CLIP)
+        radius = stats.gaussian_radius(p_y, sigma)
+    else:
+        soft = objectives.radius_from_logits(logits, table, beta=beta, label=labels, p_clip=_P_CLIP)
+        p_beta, radius = soft.probs, soft.radius
     # Only images the smoothed classifier gets right, and whose radius is below the margin.
     active = (jnp.argmax(p_beta, axis=-1) == labels) & (radius < gamma)
     hinge = jnp.where(active, gamma - radius, 0.0)
     return jnp.mean(ce) + weight * jnp.mean(hinge)
 
 
-def _make_step(module, tx, config: TrainConfig, image_shape, has_bn: bool):
+def _objective_table(config: TrainConfig, d: int, table_dir) -> table_lib.RadiusTable | None:
+    """The radius table of the certified-radius objective (None without the objective).
+
+    Built (or read back) by :func:`soapbubble.bounds.cache.cached_radius_table` in
+    ``table_dir``: exact for Gaussian and L2Family, Monte Carlo with
+    ``macer_table_samples`` samples and the cache's fixed key for MixedLinf. PureLinf
+    has no table: the Gaussian one at its ``sigma`` is the surrogate.
+    """
+    if config.macer_weight == 0:
+        return None
+    from soapbubble.bounds import cache
+
+    family = config.family
+    if isinstance(family, noise_lib.PureLinf):
+        family = noise_lib.Gaussian(family.sigma)
+    return cache.cached_radius_table(family, d, config.objective_attack, n_samples=config.macer_table_samples,
+                                     table_dir=table_dir)
+
+
+def _make_step(module, tx, config: TrainConfig, image_shape, has_bn: bool, table=None):
     family = config.family
     m = config.macer_samples if config.macer_weight > 0 else 1
 
@@ -262,8 +352,9 @@ def _make_step(module, tx, config: TrainConfig, image_shape, has_bn: bool):
             logits, new_stats = module.apply(variables, x, train=True), batch_stats
         logits = logits.reshape(b, m, -1)
         if config.macer_weight > 0:
-            loss = macer_loss(logits, labels, family.sigma, weight=config.macer_weight,
-                              gamma=config.macer_gamma, beta=config.macer_beta)
+            # The table's arrays are constants of this (once-compiled) step.
+            loss = macer_loss(logits, labels, weight=config.macer_weight, gamma=config.macer_gamma,
+                              beta=config.macer_beta, table=table)
             p = jnp.mean(jax.nn.softmax(logits, axis=-1), axis=1)
             correct = jnp.argmax(p, axis=-1) == labels
         else:
@@ -297,7 +388,7 @@ def _predictor(module):
 _COMPILED: dict[str, tuple] = {}
 
 
-def _compiled(config: TrainConfig, image_shape: tuple, steps_per_epoch: int):
+def _compiled(config: TrainConfig, image_shape: tuple, steps_per_epoch: int, table_dir=None):
     desc = config.describe()
     for volatile in ("epochs", "progress"):
         desc.pop(volatile)
@@ -311,7 +402,8 @@ def _compiled(config: TrainConfig, image_shape: tuple, steps_per_epoch: int):
                                            config.lr_gamma, staircase=True)
         tx = optax.chain(optax.add_decayed_weights(config.weight_decay),
                          optax.sgd(schedule, momentum=config.momentum))
-        step, _ = _make_step(module, tx, config, image_shape, has_bn)
+        table = _objective_table(config, int(np.prod(image_shape)), table_dir)
+        step, _ = _make_step(module, tx, config, image_shape, has_bn, table)
         if len(_COMPILED) >= 4:
             _COMPILED.pop(next(iter(_COMPILED)))
         _COMPILED[cache_key] = (module, tx, init, step, _predictor(module))
@@ -348,6 +440,9 @@ def train(key, config: TrainConfig, dataset, *, workdir: str | os.PathLike, eval
     Raises:
       ValueError: bad config, a dataset smaller than one batch, or a workdir holding
         a run with another key, configuration or dataset.
+
+    Warns:
+      UserWarning: ``macer_weight > 0`` with PureLinf (the Gaussian surrogate radius is used).
     """
     key = _as_key(key)
     if not isinstance(config, TrainConfig):
@@ -380,7 +475,11 @@ def train(key, config: TrainConfig, dataset, *, workdir: str | os.PathLike, eval
 
     model_config = dict(config.model_config)
     steps_per_epoch = n // config.batch_size
-    module, tx, init, step, predict = _compiled(config, image_shape, steps_per_epoch)
+    if config.macer_weight > 0 and isinstance(config.family, noise_lib.PureLinf):
+        warnings.warn("PureLinf has no certified radius (the paper proves no worst case): the certified-radius"
+                      " objective uses the Gaussian radius at the family's sigma as a surrogate", stacklevel=2)
+    module, tx, init, step, predict = _compiled(config, image_shape, steps_per_epoch,
+                                                os.path.join(workdir, _TABLE_DIR))
     k_init, k_shuffle, k_noise = jax.random.split(key, 3)
     variables = init(k_init)
     has_bn = "batch_stats" in variables

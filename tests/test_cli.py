@@ -44,12 +44,17 @@ def test_main_job_end_to_end_and_resume(cache, tmp_path, capsys):
     )
     for png in ("certified_accuracy_l2.png", "certified_accuracy_linf.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # The same radius-table files serve l2 and l_inf of one family: the l_inf radius of the same
-    # certificate is never larger than its l2 radius (Theorem 3: r_inf = r_2 / sqrt(d) on exact tables).
+    # The l2 and l_inf runs of one family draw the same samples (keys fold_in(key, idx)), so they
+    # select the same class and decide abstention (the threshold 1/2) alike.
     l2 = runner.completed_rows(out / "gaussian_l2.tsv")
     linf = runner.completed_rows(out / "gaussian_linf.tsv")
     assert [r[2] for r in l2] == [r[2] for r in linf]
-    assert all(float(a[3]) >= float(b[3]) for a, b in zip(l2, linf))
+    # The sequential route spent at most the fixed-n budget, and the summary says how much.
+    spent = summary["forward_passes"]
+    assert spent["total"] == sum(v["forward_passes"] for k, v in spent.items() if isinstance(v, dict))
+    assert spent["total"] <= spent["fixed_n_total"] == 5 * 4 * (400 + 20)
+    assert all(0 < int(r[6]) <= 400 for r in l2)
+    assert "Sequential certification spent" in printed
     # A rerun resumes: nothing is certified again, the files are unchanged.
     before = (out / "l2_l2.tsv").read_text()
     assert cli.main(argv) == 0
@@ -108,7 +113,9 @@ def test_user_errors_are_one_line(cache, tmp_path, capsys, argv, message):
     [
         (["certify", "--sigma", "0.25", "--alpha", "2", "--out", "x.tsv"], "--alpha must be in (0, 1), got 2.0"),
         (["certify", "--sigma", "-1", "--out", "x.tsv"], "--sigma must be > 0, got -1.0"),
-        (["demo", "--n", "0"], "--n must be in [1, 1048576], got 0"),
+        (["demo", "--n", "0"], "--n must be in [1, 2147483647], got 0"),
+        (["demo", "--n0", str(2**64)], "--n0 must be in [1, 2147483647], got 18446744073709551616"),
+        (["demo", "--batch", "10"], "--batch must be in [50, 2147483647], got 10"),
         (["certify", "--sigma", "0.25", "--noise", "pure_linf", "--out", "x.tsv"], "invalid choice: 'pure_linf'"),
     ],
 )
@@ -117,3 +124,113 @@ def test_options_out_of_range(capsys, argv, message):
         cli.main(argv)
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "value,why",
+    [
+        ("nan", "'nan' is not a finite number >= 0"),
+        ("0.5,-1", "'-1' is not a finite number >= 0"),
+        ("inf", "'inf' is not a finite number >= 0"),
+        ("0.5,,1", "an empty entry"),
+        ("", "an empty entry"),
+        ("0.5,abc", "'abc' is not a number"),
+    ],
+    ids=["nan", "negative", "inf", "empty entry", "empty", "typo"],
+)
+def test_analyze_radii_errors_name_the_option(tmp_path, capsys, value, why):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["analyze", str(tmp_path / "x.tsv"), f"--radii={value}"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--radii must be comma-separated finite numbers >= 0" in err and why in err
+    assert "invalid" not in err and "Traceback" not in err
+
+
+def _write_tsv(path, radii, correct):
+    rows = "".join(f"{i}\t1\t{1 if c else 2}\t{r:.6f}\t{int(c)}\t0:00:00.010000\n"
+                   for i, (r, c) in enumerate(zip(radii, correct)))
+    path.write_text("idx\tlabel\tpredict\tradius\tcorrect\ttime\n" + rows)
+
+
+def test_analyze_defaults_use_the_files_attack_and_alphas(tmp_path, capsys):
+    # An l_inf soapbubble run with its sidecar, and a Cohen et al.-style l2 file (no sidecar) in a
+    # deep folder with a long name: it is printed whole.
+    linf = tmp_path / "ours_linf.tsv"
+    _write_tsv(linf, [k / 1000 for k in range(40)], [k % 3 != 0 for k in range(40)])
+    budget = {"alpha": 0.001, "alpha_p": 0.0005, "alpha_d": 0.0005}
+    (tmp_path / "ours_linf.tsv.json").write_text(
+        json.dumps({"parameters": {"attack": "linf", "alpha_budget": budget}}))
+    deep = tmp_path / "certify" / "cifar10" / "resnet110" / "noise_0.25" / "test"
+    deep.mkdir(parents=True)
+    cohen = deep / "sigma_0.25_a_rather_long_file_name_that_must_not_be_cut"
+    _write_tsv(cohen, [0.1 * k for k in range(30)], [True] * 30)
+    assert cli.main(["analyze", str(linf), str(cohen), "--rho", "0.001"]) == 0
+    out = capsys.readouterr().out
+    # l2: 0, 0.25, ... up to the largest radius 2.9 (>= 2.0), i.e. 3.0; confidence 1 - rho (alpha_d = 0).
+    assert str(cohen) in out
+    assert "1 - rho - alpha_d = 0.999 " in out
+    head = next(line for line in out.splitlines() if line.startswith("radius (l2)"))
+    assert head.split()[2:] == [f"{0.25 * k:g}" for k in range(13)]
+    # l_inf: multiples of 1/255 up to the largest radius 0.039 (10/255), i.e. 16/255; its own alpha_d.
+    head = next(line for line in out.splitlines() if line.startswith("radius (linf)"))
+    assert head.split()[2:] == ["0/255", "1/255", "2/255", "4/255", "8/255", "16/255"]
+    assert f"1 - rho - alpha_d = {1 - 0.001 - 0.0005:g} " in out
+    assert str(linf) in out
+
+
+@pytest.mark.parametrize("kind", ["random bytes", "text", "missing", "directory", "truncated"])
+def test_convert_rejects_non_checkpoints_in_one_line(tmp_path, capsys, kind):
+    path = tmp_path / "checkpoint.pth.tar"
+    if kind == "random bytes":
+        path.write_bytes(bytes((i * 97 + 13) % 256 for i in range(4096)))
+    elif kind == "text":
+        path.write_text("this is not a checkpoint\n")
+    elif kind == "directory":
+        path.mkdir()
+    elif kind == "truncated":
+        torch = pytest.importorskip("torch")
+        torch.save({"arch": "cifar_resnet20", "state_dict": {"1.fc.weight": torch.zeros(10, 64)}}, path)
+        path.write_bytes(path.read_bytes()[:200])
+    code = cli.main(["convert", str(path), str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert str(path) in err
+    if kind != "missing":
+        assert "expected a torch.save file" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_toy_certifies_through_the_library(capsys):
+    """The toy command's rows are soapbubble.certify's certificates, all sound (exact radius known)."""
+    assert cli.main(["toy", "--d", "8", "--n", "2000", "--points", "5", "--seed", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "NO" not in out and out.count("yes") == 5
+
+
+def test_certify_radii_sequential_tsv_resumes_and_analyzes(cache, tmp_path, monkeypatch, capsys):
+    """--radii: the sequential route, in groups; resumable; rows equal a single-row run; analyze reads it."""
+    monkeypatch.setenv("SOAPBUBBLE_CACHE", str(cache))
+    base = ["certify", "--dataset", "digits", "--noise", "gaussian", "--sigma", "0.25", "--n", "3000",
+            "--n0", "50", "--batch", "200", "--radii", "0.25,0.5", "--quiet"]
+    whole = tmp_path / "whole.tsv"
+    assert cli.main(base + ["--max", "12", "--group", "5", "--out", str(whole)]) == 0
+    rows = runner.completed_rows(whole, ("n_used", "certified_0.25", "certified_0.5"))
+    assert [int(r[0]) for r in rows] == list(range(12))
+    # Resume: a shorter run, then the full one, equals the full one (time column aside).
+    part = tmp_path / "part.tsv"
+    assert cli.main(base + ["--max", "5", "--group", "3", "--out", str(part)]) == 0
+    assert json.loads(runner.sidecar_path(part).read_text())["parameters"]["radii"] == [0.25, 0.5]
+    assert cli.main(base + ["--max", "12", "--group", "3", "--out", str(part)]) == 0
+    strip = lambda rs: [r[:5] + r[6:] for r in rs]  # noqa: E731
+    assert strip(runner.completed_rows(part)) == strip(rows)
+    for r in rows:
+        certified = [int(v) for v in r[7:]]
+        radius = float(r[3])
+        assert radius == max([0.0] + [t for t, c in zip((0.25, 0.5), certified) if c])
+        assert 0 < int(r[6]) <= 3000
+    capsys.readouterr()
+    assert cli.main(["analyze", str(whole)]) == 0
+    out = capsys.readouterr().out
+    assert "0.25" in out and "0.5" in out and "0.75" not in out  # exactly the target radii

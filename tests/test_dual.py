@@ -8,6 +8,7 @@ comparison has a companion showing that a slightly wrong answer is rejected.
 """
 
 import math
+import time
 
 import jax
 import jax.numpy as jnp
@@ -433,3 +434,29 @@ def test_bad_input_raises_in_the_other_entry_points():
         dual.log_ratio(noise.MixedLinf(1.0, 1.0), stats, d, "linf", 0.1)
     with pytest.raises(TypeError, match="n_samples must be an int"):
         dual.ratio_statistics(KEY, family, d, "l2", 10.5)
+
+
+def test_rounding_slack_validity_range_is_enforced():
+    """_ROUNDING_SLACK = 1e-7 is justified for d <= 1e6 only: Monte Carlo curves beyond refuse,
+    before drawing any d-dimensional sample, with a message naming d and the range."""
+    big = dual._ROUNDING_SLACK_MAX_D + 1
+    assert dual._ROUNDING_SLACK_MAX_D == 10**6
+    match = rf"1 <= d <= 1000000, got d = {big}"
+    lams = np.array([0.5, 1.0, 2.0])
+    # MixedLinf at d > 1e6 would draw 1e6-dimensional vectors: it must fail fast.
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match=match):
+        dual.dual_curve(KEY, noise.MixedLinf(0.5, 10.0), big, "linf", 0.01, lams, 1000)
+    assert time.perf_counter() - start < 5.0
+    with pytest.raises(ValueError, match=match):
+        dual.dual_curve(KEY, noise.Gaussian(0.5), big, "l2", 0.1, lams, 100)
+    # Statistics from elsewhere (built by hand here: no sampler to compile) are refused too.
+    rng = np.random.default_rng(0)
+    rho = 0.5 * np.sqrt(np.full(100, float(big)))
+    stats = dual.L2RatioStats(rho=rho, z1=0.5 * rng.standard_normal(100))
+    with pytest.raises(ValueError, match=match):
+        dual.dual_curve_from_stats(noise.Gaussian(0.5), stats, big, "l2", 0.1, lams)
+    # At the edge of the range it still works.
+    edge = dual._ROUNDING_SLACK_MAX_D
+    curve = dual.dual_curve_from_stats(noise.Gaussian(0.5), stats, edge, "l2", 0.1, lams)
+    assert np.all(np.isfinite(np.asarray(curve.d_upper)))

@@ -196,3 +196,71 @@ def test_unknown_arch_and_dataset_raise_value_error(tmp_path):
     # Another dataset works when it states its input shape.
     models.save_model(tmp_path / "d", "small_cnn", {}, variables, dataset="mnist8", extra={"input_shape": [8, 8, 1]})
     assert models.load_model(tmp_path / "d").meta.input_shape == (8, 8, 1)
+
+
+# ----------------------------------------------------------------------------- load: a classifier pytree
+
+
+def _constant_class(variables, label, scale=5.0):
+    """The same architecture with weights that output class ``label`` on every input."""
+    v = jax.tree.map(np.asarray, variables)
+    v["params"]["Dense_0"]["kernel"] = np.zeros_like(v["params"]["Dense_0"]["kernel"])
+    v["params"]["Dense_0"]["bias"] = scale * np.eye(v["params"]["Dense_0"]["bias"].shape[0], dtype=np.float32)[label]
+    return v
+
+
+def test_load_gives_a_pytree_whose_checkpoints_share_one_compilation(tmp_path):
+    import flax.core
+    import scipy.stats
+
+    import soapbubble
+    from soapbubble import counting, noise
+    from soapbubble.bounds.table import radius_table
+
+    module = registry.build("small_cnn")
+    rand = _init(module, seed=3)
+    saved = {"rand": rand, "three": _constant_class(rand, 3), "seven": _constant_class(rand, 7)}
+    for name, variables in saved.items():
+        models.save_model(tmp_path / name, "small_cnn", {}, variables, dataset="digits")
+    fns = {name: models.load(tmp_path / name) for name in saved}
+
+    # The static halves are equal (hashable, same apply function), the weights are the leaves.
+    statics = {name: counting.as_classifier(f).static for name, f in fns.items()}
+    assert statics["rand"] == statics["three"] == statics["seven"]
+    assert len({hash(s) for s in statics.values()}) == 1
+    assert isinstance(fns["rand"], jax.tree_util.Partial) and isinstance(fns["rand"].func, models.ApplyFn)
+    assert len(jax.tree.leaves(fns["rand"])) == len(jax.tree.leaves(rand))
+    with pytest.raises((TypeError, ValueError)):  # immutable: FrozenDict
+        fns["rand"].args[0]["params"] = {}
+    assert isinstance(fns["rand"].args[0], flax.core.FrozenDict)
+
+    family = noise.Gaussian(0.25)
+    table = radius_table(None, family, 64, "l2")
+    x = data.load_digits("test").images[0]
+    kw = dict(n0=50, n=100, batch_size=50, alpha=0.001, table=table)
+    key = jax.random.key(0)
+    first = soapbubble.certify(key, fns["rand"], x, family, **kw)  # compiles (once per architecture)
+    compiled = counting._count._cache_size()
+    certs = {name: soapbubble.certify(key, fns[name], x, family, **kw) for name in ("three", "seven")}
+    again = soapbubble.certify(key, fns["rand"], x, family, **kw)
+    preds = {name: soapbubble.predict(key, f, x, family, n=100, batch_size=50) for name, f in fns.items()}
+    assert counting._count._cache_size() == compiled  # new weights, nothing compiled
+
+    # The results follow the weights: constant models certify their class with every vote;
+    # the exact one-sided Clopper-Pearson bound with n of n successes is alpha^(1/n).
+    for name, label in (("three", 3), ("seven", 7)):
+        c = certs[name]
+        assert int(c.prediction) == label and c.count == 100 and preds[name] == label
+        exact = 0.001 ** (1 / 100)
+        assert exact - 1e-9 < c.p_lower <= exact
+        r = 0.25 * scipy.stats.norm.ppf(c.p_lower)  # Cohen et al.'s radius, rounded down to the grid
+        step = float(np.max(np.diff(table.radii)))
+        assert r - step <= c.radius <= r + 1e-12
+    assert tuple(again) == tuple(first)
+
+    # Independent route for the random model: a plain closure over the original variables
+    # (another classifier pytree, compiled separately) sees the same noise and counts the same votes.
+    plain = soapbubble.certify(key, lambda b: module.apply(rand, b, train=False), x, family, **kw)
+    assert (int(plain.prediction), plain.count, plain.p_lower) == (int(first.prediction), first.count, first.p_lower)
+    assert soapbubble.predict(key, lambda b: module.apply(rand, b, train=False), x, family, n=100,
+                              batch_size=50) == preds["rand"]

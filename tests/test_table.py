@@ -26,7 +26,7 @@ def test_gaussian_table_is_cohen_rounded_down(attack):
     sigma, d = 0.5, 3072
     scale = math.sqrt(d) if attack == "linf" else 1.0
     radii = np.linspace(0, 3.0 / scale, 3001)
-    table = radius_table(KEY, noise.Gaussian(sigma), d, attack, radii=radii)
+    table = radius_table(None, noise.Gaussian(sigma), d, attack, radii=radii)
     assert table.metadata["route"] == "closed_form" and table.alpha_d == 0.0
     exact = cohen_radius(PS, sigma) / scale
     got = table.radius(PS)
@@ -48,7 +48,7 @@ def test_corollary1_monte_carlo_route_reproduces_cohen(sigma):
     """k = 0 at d = 3072 through the Monte Carlo dual route: p_min(r) = Phi(r / sigma)."""
     d, n, alpha = 3072, 200_000, 1e-3
     radii = np.linspace(0, 3 * sigma, 61)
-    table = radius_table(KEY, noise.L2Family(sigma, 0.0), d, "l2", radii=radii, n_samples=n, alpha=alpha,
+    table = radius_table(KEY, noise.L2Family(sigma, 0.0), d, "l2", radii=radii, n_samples=n, alpha_d=alpha,
                          route="monte_carlo")
     truth = scipy.special.ndtr(radii / sigma)
     tol = pmin_tolerance(n, radii.size, alpha)
@@ -67,7 +67,7 @@ def test_exact_and_monte_carlo_routes_agree_for_the_l2_family():
     sigma = noise.matched_sigma(0.5, d, k)
     family = noise.L2Family(sigma, k)
     radii = np.linspace(0, 1.5, 31)
-    exact = radius_table(KEY, family, d, "l2", radii=radii)
+    exact = radius_table(None, family, d, "l2", radii=radii)
     n = 200_000
     mc = radius_table(KEY, family, d, "l2", radii=radii, n_samples=n, route="monte_carlo")
     assert exact.metadata["route"] == "exact" and mc.metadata["route"] == "monte_carlo"
@@ -94,12 +94,12 @@ def test_exact_route_near_one_is_tight():
     d = 3072
     # Step 1e-3 around R ~ 1.5 (rounding down costs < 0.1%); radii elsewhere are not needed.
     radii = np.concatenate([[0.0], np.linspace(1.2, 1.8, 601)])
-    k0 = radius_table(KEY, noise.L2Family(0.5, 0.0), d, "l2", radii=radii)
+    k0 = radius_table(None, noise.L2Family(0.5, 0.0), d, "l2", radii=radii)
     exact0 = cohen_radius(0.999, 0.5)
     assert exact0 * 0.995 <= k0.radius(0.999) <= exact0
     k = 500.0
     sigma = noise.matched_sigma(0.5, d, k)
-    table = radius_table(KEY, noise.L2Family(sigma, k), d, "l2", radii=radii)
+    table = radius_table(None, noise.L2Family(sigma, k), d, "l2", radii=radii)
     ref = bisect_radius(0.999, sigma, k, d, hi=3.0)
     assert ref * 0.995 <= table.radius(0.999) <= ref + 1e-9
 
@@ -111,7 +111,7 @@ def test_imagenet_scale_radii_match_numpy():
     d, k = 150528, 50000.0
     sigma = noise.matched_sigma(0.5, d, k)
     radii = np.array([0.25, 0.5, 1.0, 1.5])
-    table = radius_table(KEY, noise.L2Family(sigma, k), d, "l2", radii=radii)
+    table = radius_table(None, noise.L2Family(sigma, k), d, "l2", radii=radii)
     rng = np.random.default_rng(7)
     n = 1_000_000
     rho = sigma * np.sqrt(2 * rng.standard_gamma((d - k) / 2, n))
@@ -129,7 +129,7 @@ def test_imagenet_scale_radii_match_numpy():
 
 def test_radius_is_monotone_and_rounded_down_to_the_grid():
     radii = np.linspace(0, 2.0, 81)
-    table = radius_table(KEY, noise.L2Family(0.5, 100.0), 3072, "l2", radii=radii)
+    table = radius_table(None, noise.L2Family(0.5, 100.0), 3072, "l2", radii=radii)
     p = np.sort(np.random.default_rng(0).uniform(0, 1, 10_000))
     r = table.radius(p)
     assert np.all(np.diff(r) >= 0)
@@ -162,11 +162,11 @@ def test_smooth_radius_gradients():
     sigma, d = 0.5, 3072
     p = jnp.array([0.6, 0.8, 0.95, 0.99])
     closed = sigma / scipy.stats.norm.pdf(scipy.stats.norm.ppf(np.asarray(p)))
-    gauss = radius_table(KEY, noise.Gaussian(sigma), d, "l2")
+    gauss = radius_table(None, noise.Gaussian(sigma), d, "l2")
     np.testing.assert_allclose(jax.vmap(jax.grad(gauss.smooth_radius))(p), closed, rtol=1e-5)
     # The exact l2 route with k = 0 on a grid: IFT derivative vs the closed form and vs
     # finite differences of its own smooth radius.
-    table = radius_table(KEY, noise.L2Family(sigma, 0.0), d, "l2", radii=np.linspace(0, 3, 601))
+    table = radius_table(None, noise.L2Family(sigma, 0.0), d, "l2", radii=np.linspace(0, 3, 601))
     grad = np.asarray(jax.vmap(jax.grad(table.smooth_radius))(p))
     np.testing.assert_allclose(grad, closed, rtol=2e-3)
     h = 1e-4
@@ -197,7 +197,7 @@ def test_lower_bound_gradient_is_the_optimal_lambda():
 
 
 def test_save_load_roundtrip_and_refusals(tmp_path):
-    table = radius_table(KEY, noise.L2Family(0.5, 100.0), 3072, "l2", radii=np.linspace(0, 1, 11))
+    table = radius_table(None, noise.L2Family(0.5, 100.0), 3072, "l2", radii=np.linspace(0, 1, 11))
     path = tmp_path / "table.npz"
     table.save(path)
     with np.load(path, allow_pickle=False) as f:  # plain arrays, no pickle
@@ -227,20 +227,57 @@ def test_bad_input():
     with pytest.raises(ValueError, match=r"l2 attack on the MixedLinf family"):
         radius_table(KEY, noise.MixedLinf(0.5, 1.0), 10, "l2")
     with pytest.raises(ValueError, match=r"k must be < d"):
-        radius_table(KEY, noise.L2Family(0.5, 10.0), 10, "l2")
-    with pytest.raises(ValueError, match=r"alpha must be in \(0, 1\), got 1.5"):
-        radius_table(KEY, g, 10, "l2", alpha=1.5)
+        radius_table(None, noise.L2Family(0.5, 10.0), 10, "l2")
+    with pytest.raises(ValueError, match=r"alpha_d must be in \(0, 1\), got 1.5"):
+        radius_table(None, g, 10, "l2", alpha_d=1.5)
     with pytest.raises(ValueError, match=r"attack must be 'l2' or 'linf'"):
-        radius_table(KEY, g, 10, "l1")
+        radius_table(None, g, 10, "l1")
     with pytest.raises(ValueError, match=r"radii must be finite and >= 0"):
-        radius_table(KEY, g, 10, "l2", radii=[-0.1, 0.2])
+        radius_table(None, g, 10, "l2", radii=[-0.1, 0.2])
     with pytest.raises(ValueError, match=r"radii must be a non-empty 1-D array"):
-        radius_table(KEY, g, 10, "l2", radii=[])
+        radius_table(None, g, 10, "l2", radii=[])
     with pytest.raises(ValueError, match=r"radii must be strictly increasing"):
-        radius_table(KEY, g, 10, "l2", radii=[0.2, 0.1])
+        radius_table(None, g, 10, "l2", radii=[0.2, 0.1])
     with pytest.raises(ValueError, match=r"lambdas must be a non-empty array of finite values > 0"):
         radius_table(KEY, noise.MixedLinf(0.5, 1.0), 10, "linf", lambdas=np.array([-1.0, 2.0]), n_samples=10)
-    table = radius_table(KEY, g, 10, "l2")
+    table = radius_table(None, g, 10, "l2")
     for bad in (-0.1, 1.1, math.nan):
         with pytest.raises(ValueError, match=r"p_lower must be in \[0, 1\]"):
             table.radius(np.array([0.7, bad]))
+
+
+def test_key_only_where_the_route_samples():
+    with pytest.raises(ValueError, match="key is unused by the closed_form route of gaussian"):
+        radius_table(KEY, noise.Gaussian(0.5), 10, "l2")
+    with pytest.raises(ValueError, match="key is unused by the exact route of l2"):
+        radius_table(KEY, noise.L2Family(0.5, 2.0), 10, "linf")
+    with pytest.raises(ValueError, match="key must be a PRNG key for the Monte Carlo route"):
+        radius_table(None, noise.MixedLinf(0.5, 1.0), 10, "linf", n_samples=100)
+
+
+def test_table_without_its_accounting_is_refused():
+    good = radius_table(None, noise.Gaussian(0.5), 10, "l2", radii=np.linspace(0, 1, 5))
+    meta = dict(good.metadata)
+    for drop in ("route", "alpha_d"):
+        bad = {k: v for k, v in meta.items() if k != drop}
+        with pytest.raises(ValueError, match=drop):
+            RadiusTable(good.radii, good.p_min, bad)
+    with pytest.raises(ValueError, match="Monte Carlo table must have alpha_d > 0"):
+        RadiusTable(good.radii, good.p_min, {**meta, "route": "monte_carlo", "alpha_d": 0.0})
+    with pytest.raises(ValueError, match="alpha_d in"):
+        RadiusTable(good.radii, good.p_min, {**meta, "alpha_d": 1.0})
+
+
+def test_nan_never_becomes_a_radius():
+    table = radius_table(None, noise.Gaussian(0.5), 10, "l2", radii=np.linspace(0, 1, 5))
+    out = np.asarray(table.radius_jax(jnp.array([0.9, jnp.nan, 1.0])))
+    assert np.isnan(out[1]) and out[0] > 0 and out[2] == table.radii[-1]
+    with pytest.raises(ValueError, match="p_lower"):
+        table.radius(np.array([np.nan]))
+
+
+def test_all_infinite_monte_carlo_table_warns():
+    # lambda <= 1/2 gives (1/2 + D) / lambda >= 1: such a grid certifies nothing at all.
+    with pytest.warns(UserWarning, match="certifies no radius above 0"):
+        radius_table(KEY, noise.MixedLinf(0.5, 1.0), 10, "linf", radii=np.linspace(0, 0.5, 6), n_samples=2000,
+                     lambdas=np.array([0.1, 0.5]))

@@ -11,6 +11,7 @@ import pytest
 import scipy.stats
 
 from soapbubble import data, models, noise, train
+from soapbubble.bounds.table import RadiusTable, radius_table
 
 KEY = jax.random.key(20260806)
 
@@ -71,17 +72,33 @@ def test_interrupted_run_resumes_to_the_same_parameters(tmp_path):
 
 
 def test_training_with_a_non_gaussian_family_macer_and_augmentation_runs(tmp_path):
-    # One run covers the options (each new configuration costs a compilation).
+    # One run covers the options (each new configuration costs a compilation). The
+    # objective is the MixedLinf family's own l_inf radius (a small Monte Carlo table).
     config = dataclasses.replace(SMALL_CONFIG, family=noise.MixedLinf(0.1, k=8.0), epochs=1, random_crop_padding=1,
-                                 random_flip=True, macer_weight=1.0, macer_samples=4, macer_gamma=0.5)
+                                 random_flip=True, macer_weight=1.0, macer_samples=4, macer_gamma=0.5,
+                                 macer_table_samples=20_000)
+    assert config.objective_attack == "linf"
     result = train.train(KEY, config, SMALL, workdir=tmp_path, eval_dataset=data.load("digits", "test"))
     assert np.isfinite(result.train_loss).all() and result.test_accuracy.shape == (1,)
     assert 0.0 <= result.test_accuracy[0] <= 1.0
     assert all(np.isfinite(a).all() for a in _leaves(result.variables))
+    # The table was built once, for (MixedLinf, d = 64, linf), kept in the workdir for a resume.
+    (path,) = (tmp_path / "tables").glob("*.npz")
+    table = RadiusTable.load(path)
+    assert dict(table.identity(), alpha_d=None) == {"family": "mixed_linf", "sigma": 0.1, "k": 8.0, "d": 64,
+                                                    "attack": "linf", "route": "monte_carlo", "n_samples": 20_000,
+                                                    "alpha_d": None}
+    # The 4 steps ran one compiled program (the table's arrays are constants of it).
+    n_compiled = len(train._COMPILED)
+    step = train._compiled(config, SMALL.image_shape, len(SMALL) // config.batch_size, tmp_path / "tables")[3]
+    assert len(train._COMPILED) == n_compiled and step._cache_size() == 1
+    # The objective's settings are part of the run's fingerprint.
+    with pytest.raises(ValueError, match="config.macer_table_samples"):
+        train.train(KEY, dataclasses.replace(config, macer_table_samples=30_000), SMALL, workdir=tmp_path)
 
 
-def _macer_reference(logits, labels, sigma, weight, gamma, beta):
-    """MACER loss in numpy/scipy float64 (one-sided Gaussian radius)."""
+def _macer_reference(logits, labels, sigma, weight, gamma, beta, radius_fn=None):
+    """MACER loss in numpy/scipy float64 (one-sided Gaussian radius, or radius_fn(p))."""
     logits = np.asarray(logits, np.float64)
 
     def soft(z):
@@ -92,7 +109,7 @@ def _macer_reference(logits, labels, sigma, weight, gamma, beta):
     ce = -np.log(soft(logits)[rows, labels] + 1e-10)
     p_beta = soft(beta * logits)
     p_y = np.clip(p_beta[rows, labels], 1e-6, 1 - 1e-6)
-    radius = sigma * scipy.stats.norm.ppf(p_y)
+    radius = sigma * scipy.stats.norm.ppf(p_y) if radius_fn is None else radius_fn(p_y)
     active = (p_beta.argmax(-1) == labels) & (radius < gamma)
     return ce.mean() + weight * np.where(active, gamma - radius, 0.0).mean()
 
@@ -111,6 +128,56 @@ def test_macer_loss_matches_reference_and_has_finite_gradients():
     # Saturated probabilities (p_y -> 1 and -> 0) stay finite thanks to the clip.
     extreme = jnp.zeros((32, 8, 10)).at[:16, :, 3].set(1e4).at[16:, :, 5].set(1e4)
     assert np.isfinite(np.asarray(grad(extreme, jnp.full(32, 3)))).all()
+
+
+def test_macer_loss_with_the_family_radius_table():
+    logits = 3.0 * jax.random.normal(jax.random.key(3), (32, 8, 10))
+    labels = jnp.argmax(logits[:, 0], axis=-1).at[:8].set(0)
+    kwargs = {"weight": 2.0, "gamma": 1.0, "beta": 4.0}
+    # The closed-form l2 table of the Gaussian is the Gaussian radius: same loss and gradient.
+    gauss = radius_table(None, noise.Gaussian(0.5), 64, "l2")
+    by_sigma, by_table = jax.jit(lambda z: (
+        jax.value_and_grad(lambda z: train.macer_loss(z, labels, 0.5, **kwargs))(z),
+        jax.value_and_grad(lambda z: train.macer_loss(z, labels, table=gauss, **kwargs))(z)))(logits)
+    np.testing.assert_allclose(float(by_table[0]), float(by_sigma[0]), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(by_table[1]), np.asarray(by_sigma[1]), rtol=1e-4, atol=1e-6)
+    # A tabulated table (exact l2 family, coarse grid for speed): the radius is the linear
+    # inverse of p_min, clamped to the table's range (numpy reference).
+    table = radius_table(None, noise.L2Family(0.5, 8.0), 64, "l2", radii=np.linspace(0.0, 1.5, 61))
+    finite = np.isfinite(table.p_min)
+    loss = jax.jit(jax.value_and_grad(lambda z: train.macer_loss(z, labels, table=table, **kwargs)))
+    got, grad = loss(logits)
+    ref = _macer_reference(logits, np.asarray(labels), None, **kwargs,
+                           radius_fn=lambda p: np.interp(p, table.p_min[finite], table.radii[finite]))
+    assert float(got) == pytest.approx(ref, rel=1e-4)  # float32 softmax vs float64
+    assert np.isfinite(np.asarray(grad)).all() and np.abs(np.asarray(grad)).max() > 0
+    extreme = jnp.zeros((32, 8, 10)).at[:16, :, 3].set(1e4).at[16:, :, 5].set(1e4)
+    assert np.isfinite(np.asarray(loss(extreme)[1])).all()
+    with pytest.raises(ValueError, match="exactly one of sigma"):
+        train.macer_loss(logits, labels, 0.5, table=table, **kwargs)
+    with pytest.raises(ValueError, match="exactly one of sigma"):
+        train.macer_loss(logits, labels, **kwargs)
+
+
+def test_objective_attack_table_and_fingerprint(tmp_path):
+    assert SMALL_CONFIG.objective_attack == "l2"
+    assert dataclasses.replace(SMALL_CONFIG, family=noise.L2Family(0.25, 8.0)).objective_attack == "l2"
+    assert dataclasses.replace(SMALL_CONFIG, radius_attack="linf").objective_attack == "linf"
+    with pytest.raises(ValueError, match="radius_attack='l2' is refused for MixedLinf"):
+        dataclasses.replace(SMALL_CONFIG, family=noise.MixedLinf(0.1, 8.0), radius_attack="l2")
+    # Without the objective no table is built, and its settings stay out of the fingerprint
+    # (workdirs of such runs from before these settings existed still resume).
+    assert train._objective_table(SMALL_CONFIG, 64, tmp_path) is None
+    desc = train._fingerprint(KEY, SMALL_CONFIG, SMALL)["config"]
+    assert "radius_attack" not in desc and "macer_table_samples" not in desc
+    macer = dataclasses.replace(SMALL_CONFIG, macer_weight=1.0, radius_attack="linf")
+    table = train._objective_table(macer, 64, tmp_path)
+    assert table.metadata["route"] == "closed_form" and table.metadata["attack"] == "linf"
+    assert train._fingerprint(KEY, macer, SMALL)["config"]["radius_attack"] == "linf"
+    # PureLinf has no radius: the Gaussian one at its sigma is the (documented) surrogate.
+    pure = dataclasses.replace(SMALL_CONFIG, family=noise.PureLinf(0.3, 4.0), macer_weight=1.0)
+    table = train._objective_table(pure, 64, tmp_path)
+    assert (table.metadata["family"], table.metadata["sigma"], table.metadata["attack"]) == ("gaussian", 0.3, "l2")
 
 
 def test_augmentation_returns_shifted_and_flipped_copies():
@@ -139,6 +206,8 @@ def test_augmentation_returns_shifted_and_flipped_copies():
         ({"arch": "lenet"}, "arch='lenet'"),
         ({"family": 0.25}, "family"),
         ({"model_config": {"f": object()}}, "model_config"),
+        ({"radius_attack": "l1"}, "radius_attack"),
+        ({"macer_table_samples": 10}, "macer_table_samples"),
     ],
 )
 def test_bad_config_raises(kwargs, match):

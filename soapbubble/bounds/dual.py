@@ -56,10 +56,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from soapbubble import noise
-from soapbubble._validation import check_attack as _check_attack
 from soapbubble._validation import check_positive_int, check_unit_interval
 from soapbubble._validation import concrete as _concrete
 from soapbubble.bounds import stats as stats_lib
+from soapbubble.bounds.rules import worst_case
 
 __all__ = [
     "L2RatioStats",
@@ -82,7 +82,10 @@ _U = 2.0**-53  # unit roundoff of float64
 # rounding never makes the bound optimistic: it covers rounding of the statistics
 # (float64 sums of d coordinates), of log W and exp, and of lam m - S(m) (each well
 # below 1e-8 relative for d <= 1e6); the prefix sums add n * 2^-53 (see _slack).
+# The slack is only justified for d <= _ROUNDING_SLACK_MAX_D: Monte Carlo curves for
+# larger d are refused (_check_slack_dimension).
 _ROUNDING_SLACK = 1e-7
+_ROUNDING_SLACK_MAX_D = 10**6
 
 
 class L2RatioStats(NamedTuple):
@@ -143,24 +146,7 @@ class DualCurve(NamedTuple):
 
 def _stats_kind(family: Any, attack: str) -> str:
     """Which statistics certify ``attack`` with ``family``: "l2" or "mixed" (or raise)."""
-    attack = _check_attack(attack)
-    if isinstance(family, noise.PureLinf):
-        raise ValueError(
-            "no worst-case perturbation is proven for the pure l_inf family; certify with MixedLinf"
-        )
-    if isinstance(family, noise.MixedLinf):
-        if attack == "l2":
-            raise ValueError(
-                "no worst-case perturbation is proven for an l2 attack on the MixedLinf family"
-                " (Theorem 5 covers the l_inf attack only, and no theorem gives the l2 worst case);"
-                " certify l2 attacks with Gaussian or L2Family"
-            )
-        return "mixed"
-    if isinstance(family, (noise.Gaussian, noise.L2Family)):
-        return "l2"
-    raise TypeError(
-        f"family must be a Gaussian, L2Family or MixedLinf instance, got {type(family).__name__}"
-    )
+    return worst_case(family, attack).statistics
 
 
 def _check_count(value: Any, name: str) -> int:
@@ -213,14 +199,18 @@ def _check_stats(stats: Any, kind: str) -> tuple:
     return tuple(jnp.asarray(x, _F64) for x in stats)
 
 
-def _sampler_tv(family, kind: str, d: int) -> float:
-    # The mixed l_inf sampler draws ||z||_inf from a table whose law is within
-    # tv_bound (total variation) of the true one; every CDF the DKW bound speaks
-    # of moves by at most that much. The l2 statistics are exact (gamma, normal).
-    return noise.mixed_linf_radial_table(family.k, d).tv_bound if kind == "mixed" else 0.0
+def _check_slack_dimension(d: int) -> int:
+    """Refuses dimensions for which ``_ROUNDING_SLACK`` is not justified."""
+    if not 1 <= d <= _ROUNDING_SLACK_MAX_D:
+        raise ValueError(
+            f"the Monte Carlo dual bound's float64 rounding slack ({_ROUNDING_SLACK:g} relative) is"
+            f" justified only for 1 <= d <= {_ROUNDING_SLACK_MAX_D:d}, got d = {d}"
+        )
+    return d
 
 
-def _slack(n: int) -> float:
+def _slack(n: int, d: int) -> float:
+    _check_slack_dimension(d)
     return _ROUNDING_SLACK + 2.0 * n * _U
 
 
@@ -311,8 +301,7 @@ def _log_w(kind, attack, family, stats, d, r):
     k = family.k
     if kind == "l2":
         rho, z1 = stats
-        if attack == "linf":
-            r = r * math.sqrt(d)  # Theorem 3
+        r = r * worst_case(family, attack).radius_scale(d)  # Theorem 3 for l_inf
         s = r * r - 2.0 * r * z1  # ||z - r e1||^2 - ||z||^2
         out = -s / (2.0 * sigma2)
         if k:
@@ -443,7 +432,7 @@ def dual_curve_from_stats(
             jnp.atleast_1d(radii),
             lams,
             jnp.asarray(eps, _F64),
-            jnp.asarray(_slack(n) + _sampler_tv(family, kind, d), _F64),
+            jnp.asarray(_slack(n, d) + worst_case(family, attack).sampler_tv(family, d), _F64),
             kind=kind,
             attack=attack,
             d=d,
@@ -471,7 +460,8 @@ def dual_curve(
     ``S`` the prefix sums of the sorted ``W``. With ``eps = sqrt(log(1/alpha_d) / (2 n))``
     (one-sided DKW), ``D(lam) <= d_upper(lam) = min(D_hat + lam eps, lam)`` holds for
     all lambdas at once with probability ``>= 1 - alpha_d``, because
-    ``D(lam) = int_0^lam F_W(t) dt`` (``d_upper`` also adds a ``1e-7 lam`` float slack).
+    ``D(lam) = int_0^lam F_W(t) dt`` (``d_upper`` also adds a ``1e-7 lam`` float slack, justified
+    for ``d <= 1e6``: larger ``d`` raises ``ValueError`` before any sampling).
 
     For an array of ``m`` radii the statistics are drawn once and serve every radius,
     so the curves are dependent: EACH radius' curve holds with probability
@@ -498,6 +488,8 @@ def dual_curve(
       >>> c.d_upper.shape
       (2, 5)
     """
+    _stats_kind(family, attack)
+    _check_slack_dimension(family.check_dimension(d))  # before any sampling
     stats = ratio_statistics(key, family, d, attack, n_samples, batch_size=batch_size)
     return dual_curve_from_stats(family, stats, d, attack, r, lambdas, alpha_d=alpha_d)
 

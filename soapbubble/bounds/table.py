@@ -9,21 +9,16 @@ radius of a grid (MATH.md section 3)::
 Certifying a dataset is then classifier counts plus a lookup that rounds the
 radius down to the grid.
 
-Routes, by family and attack:
+The route (closed form ``Phi(r_eff / sigma)`` for Gaussian, exact quadrature
+(:mod:`.exact_l2`) for L2Family, the Monte Carlo dual curve (:mod:`.dual`) for
+MixedLinf), the scaling ``r_eff`` (``r`` or Theorem 3's ``r * sqrt(d)``) and the
+refusals come from :func:`soapbubble.bounds.worst_case`. ``route="monte_carlo"``
+forces the Monte Carlo route for Gaussian and L2Family too (an independent check
+of the exact routes). Only the Monte Carlo route uses a key: the exact routes
+take ``key=None`` and refuse a key they would ignore.
 
-=====================  =========  ============================================  =========
-family                 attack     p_min                                         alpha_d
-=====================  =========  ============================================  =========
-Gaussian               l2 / linf  closed form ``Phi(r_eff / sigma)``              0
-L2Family               l2 / linf  exact quadrature (:mod:`.exact_l2`)             0
-MixedLinf              linf       Monte Carlo dual curve (:mod:`.dual`)           alpha
-PureLinf               any        refused: no worst-case perturbation is proven  -
-=====================  =========  ============================================  =========
-
-``r_eff = r`` for the l2 attack and ``r * sqrt(d)`` for the linf attack with
-Gaussian or L2Family (Theorem 3). ``route="monte_carlo"`` forces the Monte
-Carlo route for Gaussian and L2Family too (an independent check of the exact
-routes).
+A table carries its own accounting: its metadata must name its route and its
+``alpha_d`` (positive on the Monte Carlo route), or it is refused.
 
 Alpha accounting: a Monte Carlo table holds, with probability at least
 ``1 - alpha``, at every radius of its grid at once: each radius' DKW bound gets
@@ -38,7 +33,7 @@ Example:
   >>> import jax, numpy as np
   >>> from soapbubble import noise
   >>> from soapbubble.bounds import table as table_lib
-  >>> t = table_lib.radius_table(jax.random.key(0), noise.Gaussian(0.5), 3072, "l2",
+  >>> t = table_lib.radius_table(None, noise.Gaussian(0.5), 3072, "l2",  # closed form: no key
   ...                            radii=np.linspace(0.0, 2.0, 201))
   >>> float(t.radius(0.9))  # sigma * Phi^-1(0.9) = 0.6408, rounded down to the grid
   0.64
@@ -51,6 +46,7 @@ import json
 import math
 import os
 import types
+import warnings
 from typing import Any, Mapping
 
 import jax
@@ -60,10 +56,12 @@ import scipy.special
 
 from soapbubble import noise
 from soapbubble.bounds import dual, exact_l2
+from soapbubble.bounds.rules import ROUTES, worst_case
 
 __all__ = ["RadiusTable", "radius_table", "default_radii", "default_lambdas", "FORMAT_VERSION"]
 
-FORMAT_VERSION = 1
+#: Version 2: the route and alpha_d are required; the cache key holds the soapbubble version.
+FORMAT_VERSION = 2
 
 # Parameters that define a table: a table loaded for a certification must match them.
 _IDENTITY_KEYS = ("family", "sigma", "k", "d", "attack", "route", "n_samples", "alpha_d")
@@ -94,6 +92,7 @@ class RadiusTable:
             raise ValueError("radii must be finite, >= 0 and strictly increasing")
         if np.any(np.isnan(p_min)) or not np.all(p_min[1:] >= p_min[:-1]):
             raise ValueError("p_min must be non-decreasing and free of NaN")
+        _check_accounting(self.metadata)
         radii.setflags(write=False)
         p_min.setflags(write=False)
         object.__setattr__(self, "radii", radii)
@@ -103,7 +102,7 @@ class RadiusTable:
     @property
     def alpha_d(self) -> float:
         """Failure probability of the table itself (0 for exact routes)."""
-        return float(self.metadata.get("alpha_d", 0.0))
+        return float(self.metadata["alpha_d"])
 
     def radius(self, p_lower: Any) -> np.ndarray:
         """Certified radius for each ``p_lower``, rounded down to the table's grid.
@@ -129,14 +128,17 @@ class RadiusTable:
         """:meth:`radius` as a jax function (jit-able), in the dtype of ``p_lower``.
 
         ``p_min`` is rounded *up* and the radii *down* to that dtype, so float32
-        lookups stay sound.
+        lookups stay sound. A NaN ``p_lower`` gives NaN, never a radius.
         """
         p_lower = jnp.asarray(p_lower)
         dtype = p_lower.dtype if jnp.issubdtype(p_lower.dtype, jnp.floating) else jnp.float32
         p_min = jnp.asarray(_round_to(self.p_min, dtype, up=True))
         radii = jnp.asarray(_round_to(self.radii, dtype, up=False))
-        count = jnp.searchsorted(p_min, p_lower.astype(dtype), side="right")
-        return jnp.where(count > 0, radii[jnp.maximum(count - 1, 0)], jnp.zeros((), dtype))
+        p = p_lower.astype(dtype)
+        count = jnp.searchsorted(p_min, p, side="right")
+        out = jnp.where(count > 0, radii[jnp.maximum(count - 1, 0)], jnp.zeros((), dtype))
+        # searchsorted puts NaN after everything (the largest radius): NaN stays NaN.
+        return jnp.where(jnp.isnan(p), jnp.asarray(jnp.nan, dtype), out)
 
     def smooth_radius(self, p: jax.Array) -> jax.Array:
         """A differentiable radius for training objectives (not a certificate).
@@ -157,7 +159,8 @@ class RadiusTable:
         """
         meta = self.metadata
         if meta.get("route") == "closed_form":
-            sigma_eff = float(meta["sigma"]) / (math.sqrt(int(meta["d"])) if meta["attack"] == "linf" else 1.0)
+            scale = math.sqrt(int(meta["d"])) if meta["attack"] == "linf" else 1.0  # Theorem 3
+            sigma_eff = float(meta["sigma"]) / scale
             return sigma_eff * jax.scipy.special.ndtri(jnp.asarray(p))
         finite = np.isfinite(self.p_min)
         pm, rr = self.p_min[finite], self.radii[finite]
@@ -209,6 +212,18 @@ class RadiusTable:
     def identity(self) -> dict[str, Any]:
         """The parameters that define this table (for :meth:`load`'s ``expected``)."""
         return {key: self.metadata[key] for key in _IDENTITY_KEYS if key in self.metadata}
+
+
+def _check_accounting(meta: Mapping[str, Any]) -> None:
+    """A table must say how it was computed and what it may fail with."""
+    route = meta.get("route")
+    if route not in ROUTES:
+        raise ValueError(f"table metadata must name its route, one of {ROUTES}, got route={route!r}")
+    alpha_d = meta.get("alpha_d")
+    if isinstance(alpha_d, bool) or not isinstance(alpha_d, (int, float)) or not 0.0 <= alpha_d < 1.0:
+        raise ValueError(f"table metadata must give its failure probability alpha_d in [0, 1), got {alpha_d!r}")
+    if route == "monte_carlo" and not alpha_d > 0.0:
+        raise ValueError("a Monte Carlo table must have alpha_d > 0 (its DKW failure probability), got 0")
 
 
 def _same(have, want) -> bool:
@@ -279,22 +294,22 @@ def _check_radii(radii) -> np.ndarray:
     return r
 
 
-def _check_alpha(alpha) -> float:
-    alpha = float(alpha)
-    if not 0.0 < alpha < 1.0:
-        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
-    return alpha
+def _check_alpha(alpha_d) -> float:
+    alpha_d = float(alpha_d)
+    if not 0.0 < alpha_d < 1.0:
+        raise ValueError(f"alpha_d must be in (0, 1), got {alpha_d}")
+    return alpha_d
 
 
 def radius_table(
-    key: jax.Array,
+    key: jax.Array | None,
     family: noise.SmoothingFamily,
     d: int,
     attack: str,
     *,
     radii: Any = None,
     n_samples: int = 1_000_000,
-    alpha: float = 1e-3,
+    alpha_d: float = 1e-3,
     route: str = "auto",
     lambdas: Any = None,
     batch_size: int = 1024,
@@ -302,13 +317,14 @@ def radius_table(
     """Builds the radius table of ``family`` in dimension ``d`` for ``attack``.
 
     Args:
-      key: PRNG key (used by the Monte Carlo route only).
+      key: PRNG key of the Monte Carlo route; ``None`` on the exact routes (which
+        refuse a key they would ignore).
       family: ``Gaussian``, ``L2Family`` or ``MixedLinf`` (``PureLinf`` is refused).
       d: input dimension (``k < d``).
       attack: ``"l2"`` or ``"linf"``.
       radii: increasing grid of radii ``>= 0`` (default :func:`default_radii`).
       n_samples: Monte Carlo samples (Monte Carlo route).
-      alpha: failure probability of the whole table (Monte Carlo route), split
+      alpha_d: failure probability of the whole table (Monte Carlo route), split
         evenly over the radii.
       route: ``"auto"`` (closed form for Gaussian, exact quadrature for
         L2Family, Monte Carlo for MixedLinf) or ``"monte_carlo"``.
@@ -317,21 +333,31 @@ def radius_table(
 
     Returns:
       A :class:`RadiusTable`.
+
+    Raises:
+      ValueError: a pair without a proven worst case, a key on an exact route
+        (or none on the Monte Carlo route), bad radii, lambdas or counts.
+
+    Warns:
+      UserWarning: when the Monte Carlo table certifies no radius above 0 (too
+        few samples or a lambda grid that misses the optimum).
     """
-    if attack not in ("l2", "linf"):
-        raise ValueError(f"attack must be 'l2' or 'linf', got {attack!r}")
+    rule = worst_case(family, attack)
     if route not in ("auto", "monte_carlo"):
         raise ValueError(f"route must be 'auto' or 'monte_carlo', got {route!r}")
-    if isinstance(family, noise.PureLinf):
-        raise ValueError("no worst-case perturbation is proven for the pure l_inf family; certify with MixedLinf")
-    if not isinstance(family, noise.SmoothingFamily):
-        raise TypeError(f"family must be a soapbubble.noise family, got {type(family).__name__}")
+    is_mc = route == "monte_carlo" or rule.monte_carlo
+    if is_mc and key is None:
+        raise ValueError("key must be a PRNG key for the Monte Carlo route, got None")
+    if not is_mc and key is not None:
+        raise ValueError(
+            f"key is unused by the {rule.route} route of {rule.family} (no sampling): pass key=None"
+        )
     d = family.check_dimension(d)
-    alpha = _check_alpha(alpha)
+    alpha = _check_alpha(alpha_d)
     radii = _check_radii(default_radii(family, d, attack) if radii is None else radii)
     desc = family.describe()
     sigma = float(desc["sigma"])
-    scale = math.sqrt(d) if attack == "linf" else 1.0  # Theorem 3 for Gaussian / L2Family
+    scale = rule.radius_scale(d)
     meta: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         "family": desc["family"],
@@ -339,9 +365,9 @@ def radius_table(
         "k": float(desc["k"]),
         "d": d,
         "attack": attack,
+        "worst_case": rule.theorem,
     }
-    is_mc = route == "monte_carlo" or isinstance(family, noise.MixedLinf)
-    if not is_mc and isinstance(family, noise.Gaussian):
+    if not is_mc and rule.route == "closed_form":
         # Phi(r / sigma) in float64, moved up two ulps so rounding never lowers it.
         p_min = np.nextafter(np.nextafter(scipy.special.ndtr(radii * scale / sigma), 2.0), 2.0)
         meta.update(route="closed_form", n_samples=0, alpha_d=0.0)
@@ -350,11 +376,6 @@ def radius_table(
         p_min = np.asarray(exact.p_min, dtype=np.float64)  # rounded up by its error bound
         meta.update(route="exact", n_samples=0, alpha_d=0.0, max_quadrature_error=float(np.max(exact.error)))
     else:
-        if isinstance(family, noise.MixedLinf) and attack != "linf":
-            raise ValueError(
-                "no worst-case perturbation is proven for an l2 attack on the MixedLinf family;"
-                " certify l2 attacks with Gaussian or L2Family"
-            )
         lams = default_lambdas() if lambdas is None else np.asarray(lambdas, dtype=np.float64)
         curve = dual.dual_curve(
             key, family, d, attack, radii, lams, n_samples, alpha_d=alpha / radii.size, batch_size=batch_size
@@ -363,6 +384,12 @@ def radius_table(
             d_upper = np.asarray(curve.d_upper, dtype=np.float64)
         # (1/2 + D_upper) / lam at every lambda is an upper bound on p_min; round up.
         p_min = np.min((0.5 + d_upper) / lams[None, :], axis=1) * (1.0 + 4.0 * np.finfo(np.float64).eps)
+        if radii.size > 1 and not np.any(p_min[radii > 0] < 1.0):
+            warnings.warn(
+                f"this Monte Carlo table certifies no radius above 0 (n_samples={n_samples},"
+                f" lambdas in [{lams.min():g}, {lams.max():g}]): raise n_samples or widen the lambda grid",
+                stacklevel=2,
+            )
         meta.update(
             route="monte_carlo",
             n_samples=int(n_samples),

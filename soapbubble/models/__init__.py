@@ -1,7 +1,9 @@
 """Models: the architecture registry, saved-model I/O and the architectures.
 
 ``load(path)`` gives the pure ``logits_fn(batch) -> logits`` of a saved model (the
-only thing certification needs). The ResNets live in ``cifar_resnet`` and
+only thing certification needs) as a classifier pytree,
+``jax.tree_util.Partial(ApplyFn, variables)``: its weights are traced by the
+certification loops, so checkpoints of one architecture share one compilation. The ResNets live in ``cifar_resnet`` and
 ``imagenet_resnet`` and are imported on first use (``soapbubble.models.<Name>``
 finds a class there), which keeps ``import soapbubble.models`` light.
 
@@ -16,10 +18,11 @@ from __future__ import annotations
 import importlib
 
 from soapbubble.models import io, registry
-from soapbubble.models.io import LoadedModel, ModelMeta, load, load_model, save_model
+from soapbubble.models.io import ApplyFn, LoadedModel, ModelMeta, load, load_model, save_model
 from soapbubble.models.small import SmallCNN
 
 __all__ = [
+    "ApplyFn",
     "CifarResNet",  # lazy (cifar_resnet)
     "ImageNetResNet",  # lazy (imagenet_resnet)
     "LoadedModel",

@@ -46,6 +46,8 @@ from __future__ import annotations
 import argparse
 import os
 import pickle
+import struct
+import zipfile
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -74,6 +76,11 @@ ARCHS: dict[str, tuple[str, str, int, str]] = {
 }
 
 _DATA_PARALLEL = "module."
+
+# A legacy (pre-zip) torch.save file opens with a pickle (protocol >= 2) of torch's magic
+# number: these are its bytes (LONG1 opcode, 10 bytes little-endian) as any protocol writes them.
+_LEGACY_MAGIC = b"\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
+_ZIP_START = b"PK\x03\x04"
 
 # (collection, flax leaf name) -> PyTorch tensor name.
 _LEAF_NAMES = {
@@ -247,13 +254,31 @@ def load_checkpoint(
 
     Raises:
       FileNotFoundError: no such file.
-      ValueError: the file is not plain tensor data (it would need code execution
-        to load, or is no torch checkpoint), or lacks ``"arch"`` / ``"state_dict"``.
+      ValueError: the path is a directory; the file is no torch checkpoint (neither a
+        ``torch.save`` zip archive nor the legacy pickle format), is truncated or
+        corrupted, or is not plain tensor data (it would need code execution to
+        load); or it lacks ``"arch"`` / ``"state_dict"``. The message names the path.
       ImportError: torch is not installed.
     """
     path = os.fspath(checkpoint_path)
+    expected = (
+        "expected a torch.save file (Cohen et al.'s checkpoint.pth.tar) holding a dict with "
+        "'arch' and 'state_dict'"
+    )
+    if os.path.isdir(path):
+        raise ValueError(f"checkpoint {path!r} is a directory, {expected}")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint_path {path!r} is not a file")
+    # torch.save writes a zip archive (torch >= 1.6) or, before that, a pickle stream that
+    # opens with the pickled magic number; anything else is no checkpoint (random bytes,
+    # text), whatever error the unpickler would stumble on first.
+    with open(path, "rb") as f:
+        start = f.read(32)
+    legacy = start[:1] == b"\x80" and _LEGACY_MAGIC in start
+    if start.startswith(_ZIP_START) and not zipfile.is_zipfile(path):
+        raise ValueError(f"checkpoint {path!r} is a truncated or corrupted zip archive, {expected}")
+    if not (legacy or zipfile.is_zipfile(path)):
+        raise ValueError(f"checkpoint {path!r} is not a PyTorch checkpoint: {expected}")
     torch = _import_torch()
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -264,8 +289,15 @@ def load_checkpoint(
             f"it ({reason}). Loading it would execute code stored in the file, which soapbubble "
             "will not do; re-save the dict of arch and state_dict tensors from a trusted source."
         ) from e
-    except (RuntimeError, EOFError) as e:
-        raise ValueError(f"checkpoint {path!r} cannot be read as a torch checkpoint: {e}") from e
+    except (RuntimeError, EOFError, IndexError, KeyError, ValueError, TypeError, AttributeError,
+            struct.error, zipfile.BadZipFile, UnicodeDecodeError) as e:
+        # A truncated or corrupted file: the loader fails in whatever way the bytes lead it to.
+        text = str(e).strip()
+        reason = f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+        raise ValueError(
+            f"checkpoint {path!r} cannot be read as a PyTorch checkpoint (truncated or corrupted? "
+            f"{reason}); {expected}"
+        ) from e
     if not isinstance(ckpt, Mapping):
         raise ValueError(
             f"checkpoint {path!r} holds a {type(ckpt).__name__}, expected a dict with 'arch' and 'state_dict'"

@@ -15,6 +15,12 @@ missing or extra key or a wrong shape is a ``ValueError`` naming the key path,
 e.g. ``params/Conv_0/kernel``. The image shape comes from ``dataset`` (see
 :data:`soapbubble.data.KNOWN`) or, for other datasets, ``extra["input_shape"]``.
 
+:func:`load` gives the classifier certification needs, as a pytree:
+``jax.tree_util.Partial(apply_fn, variables)`` with ``apply_fn`` an
+:class:`ApplyFn` (hashable, equal for every checkpoint of one architecture) and
+the variables its only (traced) leaves, so a second checkpoint of the same
+architecture compiles nothing new in :mod:`soapbubble.counting`.
+
 Example:
   >>> import jax, jax.numpy as jnp, tempfile, os
   >>> from soapbubble.models import registry
@@ -29,6 +35,8 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -36,6 +44,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+import flax.core
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -43,7 +52,7 @@ import numpy as np
 
 from soapbubble.models import registry
 
-__all__ = ["FORMAT_VERSION", "META_FILE", "LoadedModel", "ModelMeta", "load", "load_model", "save_model"]
+__all__ = ["FORMAT_VERSION", "META_FILE", "ApplyFn", "LoadedModel", "ModelMeta", "load", "load_model", "save_model"]
 
 FORMAT_VERSION = 1
 META_FILE = "soapbubble_model.json"
@@ -240,28 +249,112 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
     return LoadedModel(module, variables, meta)
 
 
-def load(path: str | os.PathLike) -> Callable[[jax.Array], jax.Array]:
-    """The pure inference function of a saved model.
+def _canonical_config(config: dict) -> str:
+    return json.dumps(config, sort_keys=True, separators=(",", ":"))
+
+
+def _build(arch: str, config: str) -> nn.Module:
+    # Builders may check their arguments with jnp: evaluate that now, even when
+    # called while tracing (the counting loops call the classifier under jit).
+    with jax.ensure_compile_time_eval():
+        return registry.build(arch, **json.loads(config))
+
+
+@functools.lru_cache(maxsize=64)
+def _jitted_apply(arch: str, config: str) -> Callable:
+    """One jitted eval-mode apply per (arch, config) in this process."""
+    module = _build(arch, config)
+    return jax.jit(lambda variables, x: module.apply(variables, x, train=False))
+
+
+@dataclasses.dataclass(frozen=True)
+class ApplyFn:
+    """Eval-mode inference of one architecture: ``apply_fn(variables, batch) -> logits``.
+
+    A hashable value (equal for equal architecture, configuration and input shape),
+    so the classifier ``jax.tree_util.Partial(apply_fn, variables)`` that
+    :func:`load` returns has the same static part for every checkpoint of one
+    architecture: the compiled certification loops (:mod:`soapbubble.counting`)
+    trace the variables and compile nothing new for new weights.
+
+    Attributes:
+      arch: registry name of the architecture.
+      config: the builder keyword arguments as canonical JSON (sorted keys).
+      input_shape: (H, W, C) of one input image.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> f = ApplyFn.of("small_cnn", {}, (8, 8, 1))
+      >>> f == ApplyFn.of("small_cnn", {}, [8, 8, 1]) and hash(f) == hash(ApplyFn.of("small_cnn", {}, (8, 8, 1)))
+      True
+      >>> variables = f.module.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))
+      >>> f(variables, jnp.zeros((2, 8, 8, 1))).shape
+      (2, 10)
+    """
+
+    arch: str
+    config: str
+    input_shape: tuple
+
+    def __post_init__(self):
+        _jitted_apply(self.arch, self.config)  # builds the module now: a bad config fails here
+
+    @classmethod
+    def of(cls, arch: str, config: dict, input_shape) -> "ApplyFn":
+        """The apply function of ``registry.build(arch, **config)`` on images of ``input_shape``."""
+        return cls(arch, _canonical_config(dict(config)), tuple(int(s) for s in input_shape))
+
+    @property
+    def module(self) -> nn.Module:
+        """The flax module (``module.apply(variables, x, train=False)``)."""
+        return _build(self.arch, self.config)
+
+    def __call__(self, variables, batch) -> jax.Array:
+        """Logits ``(B, num_classes)`` of ``batch`` ``(B, H, W, C)`` (eval mode, BatchNorm running averages).
+
+        Raises:
+          ValueError: ``batch`` is not ``(B, *input_shape)`` (names both shapes).
+        """
+        shape = tuple(jnp.shape(batch))
+        if len(shape) != 4 or shape[1:] != self.input_shape:
+            raise ValueError(f"batch must have shape (B, {', '.join(map(str, self.input_shape))}), got {shape}")
+        return _jitted_apply(self.arch, self.config)(variables, batch)
+
+
+def load(path: str | os.PathLike) -> jax.tree_util.Partial:
+    """The inference function of a saved model, as a classifier pytree.
 
     Args:
       path: saved model directory.
 
     Returns:
-      ``logits_fn(batch) -> logits``: batch float (B, H, W, C) in [0, 1] ->
+      ``logits_fn = jax.tree_util.Partial(apply_fn, variables)``:
+      ``logits_fn(batch) -> logits``, batch float (B, H, W, C) in [0, 1] ->
       float32 (B, num_classes), eval mode (BatchNorm running averages), jitted.
+      ``apply_fn`` is an :class:`ApplyFn` (hashable, equal for every checkpoint
+      of the same architecture, configuration and input shape) and
+      ``variables`` a ``flax.core.FrozenDict`` of jax arrays, the pytree's only
+      leaves. The counting loops trace those arrays, so certifying a second
+      checkpoint of the same architecture compiles nothing new. To swap in other
+      weights of the same shapes: ``Partial(logits_fn.func, flax.core.freeze(v))``.
 
     Raises:
       As :func:`load_model`; ``logits_fn`` raises ValueError for a batch whose
       trailing shape is not the model's (H, W, C).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, tempfile, os
+      >>> from soapbubble.models import registry
+      >>> variables = registry.build("small_cnn").init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))
+      >>> a, b = (os.path.join(tempfile.mkdtemp(), "m") for _ in range(2))
+      >>> save_model(a, "small_cnn", {}, variables, dataset="digits")
+      >>> save_model(b, "small_cnn", {}, jax.tree.map(lambda v: -v, variables), dataset="digits")
+      >>> f, g = load(a), load(b)
+      >>> f.func == g.func, jax.tree.structure(f) == jax.tree.structure(g)
+      (True, True)
+      >>> f(jnp.zeros((3, 8, 8, 1))).shape
+      (3, 10)
     """
     loaded = load_model(path)
-    module, variables, shape = loaded.module, loaded.variables, loaded.meta.input_shape
-    # Variables are an argument (not a closure) so they are not baked into the program.
-    apply = jax.jit(lambda v, x: module.apply(v, x, train=False))
-
-    def logits_fn(batch):
-        if jnp.ndim(batch) != 4 or tuple(jnp.shape(batch)[1:]) != shape:
-            raise ValueError(f"batch must have shape (B, {', '.join(map(str, shape))}), got {jnp.shape(batch)}")
-        return apply(variables, batch)
-
-    return logits_fn
+    apply_fn = ApplyFn.of(loaded.meta.arch, loaded.meta.config, loaded.meta.input_shape)
+    return jax.tree_util.Partial(apply_fn, flax.core.freeze(loaded.variables))

@@ -22,11 +22,11 @@ SCRIPT = textwrap.dedent(
     """
     import json, sys
     import jax, jax.numpy as jnp, numpy as np
-    from soapbubble import certify as C, noise
+    from soapbubble import counting, protocol as C, noise
 
     want = int(sys.argv[1])
     assert jax.local_device_count() == want, jax.devices()
-    assert C._local_mesh().size == want
+    assert counting.local_mesh().size == want
 
     d = 16
     w = np.random.default_rng(7).normal(size=d)
@@ -48,6 +48,11 @@ SCRIPT = textwrap.dedent(
     out["gaussian"] = [np.asarray(v).tolist() for v in cert]
     out["predict"] = C.predict(key, logits_fn, x, noise.Gaussian(0.5), n=2345, batch_size=100,
                                batched=True).tolist()
+    # The sequential route: one pool per device, rows in contiguous blocks.
+    from soapbubble import sequential
+    seq = sequential.certify_radii(key, logits_fn, x, noise.Gaussian(0.5), np.array([0.1, 0.3]), max_n=3000,
+                                   batch_size=100, table_dir=table_dir)
+    out["sequential"] = [np.asarray(v).tolist() for v in seq]
     print("RESULT " + json.dumps(out))
     """
 )
@@ -85,8 +90,11 @@ def test_identical_across_device_counts(results, count):
 
 def test_results_are_not_degenerate(results):
     # The comparison means something only if the certificates differ between inputs.
-    prediction, _, p_lower, counts, n = results[1]["gaussian"]
+    prediction, _, p_lower, counts, n, alpha_p, alpha_d = results[1]["gaussian"]
+    assert (alpha_p, alpha_d) == (0.001, 0.0)
     assert prediction[:2] == [1, 0] and -1 in prediction
     assert all(0 < c <= 2345 for c in counts) and n == [2345] * 4
     assert len(set(p_lower)) == 4
     assert results[1]["predict"][:2] == [1, 0]
+    sequential = results[1]["sequential"]
+    assert sequential[0][:2] == [1, 0] and len(set(sequential[2])) > 1  # predictions; n_used differ
