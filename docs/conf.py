@@ -18,6 +18,7 @@ anywhere is a warning (an error under ``-W``). Nothing here executes notebooks.
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import inspect
 import os
 import pathlib
@@ -31,16 +32,14 @@ sys.path.insert(0, str(ROOT))
 # Importing soapbubble must not touch the user's cache (autodoc only imports; nothing here runs).
 os.environ.setdefault("MPLBACKEND", "Agg")
 
-import soapbubble  # noqa: E402
+import soapbubble
 
 project = "soapbubble"
 author = "the soapbubble authors"
 copyright = "the soapbubble authors, Apache-2.0"
 try:
-    from importlib.metadata import version as _version
-
-    release = _version("soapbubble")
-except Exception:  # not installed: the source tree is on sys.path
+    release = importlib.metadata.version("soapbubble")
+except importlib.metadata.PackageNotFoundError:  # not installed: the source tree is on sys.path
     release = ""
 version = release
 
@@ -101,7 +100,9 @@ def _canonical(module: str, name: str, obj, modules: dict) -> str | None:
 def _summary(obj) -> str:
     doc = inspect.getdoc(obj) or ""
     line = doc.strip().split("\n\n")[0].replace("\n", " ").strip()
-    return line.replace("|", r"\|")
+    # ``|`` outside inline literals would start a substitution reference.
+    parts = re.split(r"(``.+?``)", line)
+    return "".join(p if p.startswith("``") else p.replace("|", r"\|") for p in parts)
 
 
 def _kind(obj) -> str:
@@ -118,23 +119,34 @@ def module_page(name: str, modules: dict) -> str:
     """The reStructuredText of one module's API page."""
     mod = modules[name]
     exported = list(getattr(mod, "__all__", None) or ())
-    here, aliases, submodules = [], [], []
+    here, data, aliases, submodules = [], [], [], []
     for member in exported:
+        if not hasattr(mod, member):
+            from sphinx.util import logging
+
+            logging.getLogger(__name__).warning("%s.__all__ names %r, which the module lacks", name, member)
+            continue
         obj = getattr(mod, member)
         if inspect.ismodule(obj):
             submodules.append(obj.__name__)
             continue
         target = _canonical(name, member, obj, modules)
-        if target is None:
+        if target is not None:
+            aliases.append((member, target, _kind(obj), _summary(obj)))
+        elif inspect.isclass(obj) or inspect.isroutine(obj):
             here.append(member)
         else:
-            aliases.append((member, target, _kind(obj), _summary(obj)))
+            data.append(member)  # autodoc's :members: drops module data without a #: comment
 
     title = f"``{name}``"
     lines = [title, "=" * len(title), "", f".. automodule:: {name}"]
     if here:
         lines.append(f"   :members: {', '.join(here)}")
     lines.append("")
+    if data:
+        lines += [".. rubric:: Constants", ""]
+        for member in data:
+            lines += [f".. autodata:: {name}.{member}", ""]
     if submodules:
         lines += [".. rubric:: Submodules", ""]
         lines += [f"* :py:mod:`{sub}`" for sub in submodules]
@@ -168,8 +180,8 @@ def reexports(modules: dict) -> dict[str, str]:
     out = {}
     for name, mod in modules.items():
         for member in getattr(mod, "__all__", None) or ():
-            obj = getattr(mod, member)
-            if inspect.ismodule(obj):
+            obj = getattr(mod, member, None)
+            if obj is None or inspect.ismodule(obj):
                 continue
             target = _canonical(name, member, obj, modules)
             if target is not None:
@@ -228,6 +240,14 @@ def skip_member(app, what, name, obj, skip, options):
     return None
 
 
+def drop_type_docstring(app, what, name, obj, options, lines):
+    # A constant without a doc comment would show its type's docstring (dict's, str's, ...).
+    if what in ("data", "attribute") and lines:
+        type_doc = inspect.getdoc(type(obj)) or ""
+        if "\n".join(lines).strip() == type_doc.strip():
+            lines[:] = []
+
+
 # ----------------------------------------------------------------------------- included files
 
 # Files of the repository that the docs include, and the pages they become. Links
@@ -264,12 +284,16 @@ def rewrite_links(app, relative_path, parent_docname, content) -> None:
             return f"[{text}]({page}{'#' + anchor if anchor else ''})"
         return f"{text} (`{resolved}` in the repository)" if text != resolved else f"`{resolved}`"
 
-    content[0] = _LINK.sub(fix, content[0])
+    text = _LINK.sub(fix, content[0])
+    if rel == "README.md":  # the page's title in the docs
+        text = re.sub(r"\A# soapbubble\s*\n", "# Overview\n", text)
+    content[0] = text
 
 
 def setup(app):
     app.connect("builder-inited", write_api_pages)
     app.connect("env-updated", register_aliases)
     app.connect("autodoc-skip-member", skip_member)
+    app.connect("autodoc-process-docstring", drop_type_docstring)
     app.connect("include-read", rewrite_links)
     return {"parallel_read_safe": False}

@@ -1,6 +1,7 @@
 """The ``soapbubble`` command line. Thin: parses arguments, calls the library, prints.
 
-Commands:
+Commands::
+
   demo      the main job: train or load the default model, certify the embedded
             digits test set with Gaussian, l2-family and mixed l_inf noise, write
             TSVs, a JSON summary, tables and plots.

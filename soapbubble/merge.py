@@ -26,7 +26,8 @@ import json
 import os
 import pathlib
 import tempfile
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from soapbubble import runner
 

@@ -28,6 +28,33 @@ approximates its family (MixedLinf's tabulated radial law), its total-variation
 bound is subtracted from the bound on ``pA``. Both shares are recorded in every
 :class:`Certificate`.
 
+Bilateral certificates (``certify(..., bilateral=True)``; MATH.md section 3,
+"Multi-class, bilateral"). Cohen et al. bound every other class by ``1 - pA``;
+the bilateral condition compares the top class's worst case with the best case
+of EVERY other class ``B``: radius ``r`` is certified when
+``V_r(pA_lower) > 1 - V_r(1 - pB_upper)``
+(:meth:`~soapbubble.bounds.table.RadiusTable.bilateral_radius`; Gaussian:
+``r < sigma/2 (Phi^-1(pA) - Phi^-1(pB))``). ``pB_upper`` must bound the largest
+probability of ALL other classes, not of the runner-up picked from the same
+samples (that choice would bias it low). The construction, from the same ``n``
+estimation samples (class ``A`` chosen on the ``n0`` separate ones):
+
+* ``pA_lower``: Clopper-Pearson lower bound at ``alpha_a = alpha_p / 2``;
+* for EACH of the ``C - 1`` other classes, the Clopper-Pearson upper bound at
+  ``alpha_b = alpha_p / (2 (C - 1))``; their maximum is the bound at the
+  largest other count (the bound is increasing in the count), plus the
+  sampler's total-variation bound;
+* a union bound: all ``C`` bounds hold at once with probability at least
+  ``1 - alpha_a - (C - 1) alpha_b >= 1 - alpha_p``. On that event ``pB <= 1 - pA
+  <= 1 - pA_lower`` too, so ``p_upper = min(pB_upper, 1 - pA_lower)``, and the
+  unilateral radius from the same ``pA_lower`` also holds: the certificate
+  takes the larger of the two. With ``C = 2``, ``pB = 1 - pA`` exactly and all of
+  ``alpha_p`` goes to ``pA`` (the certificate is then the unilateral one).
+
+:meth:`soapbubble.bounds.WorstCase.bilateral_budget` decides this split; the
+certificate abstains unless ``pA_lower >= 1/2`` or ``pA_lower > p_upper``.
+The sequential route (:mod:`soapbubble.sequential`) has no bilateral mode yet.
+
 Example:
   >>> import jax, jax.numpy as jnp
   >>> from soapbubble import noise, certify
@@ -41,8 +68,13 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
+import pathlib
+import tempfile
+import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -57,9 +89,9 @@ from soapbubble import counting
 from soapbubble.bounds import cache as cache_lib
 from soapbubble.bounds import confidence
 from soapbubble.bounds import table as table_lib
-from soapbubble.bounds.rules import AlphaBudget, WorstCase, worst_case
+from soapbubble.bounds.rules import AlphaBudget, BilateralBudget, WorstCase, worst_case
 
-__all__ = ["Certificate", "certify", "predict"]
+__all__ = ["Certificate", "certify", "predict", "cached_bilateral_table"]
 
 
 class Certificate(NamedTuple):
@@ -77,6 +109,15 @@ class Certificate(NamedTuple):
       alpha_p: float, the level of ``p_lower``.
       alpha_d: float, the radius table's failure probability; the certificate is
         wrong with probability at most ``alpha_p + alpha_d``.
+      p_upper: bilateral certificates only (None otherwise), float64: the upper
+        bound on the probability of every class other than the certified one,
+        ``min(pB_upper, 1 - p_lower)``; reported also when abstaining.
+      bilateral: bilateral certificates only (None otherwise), how ``alpha_p``
+        was split: ``{"alpha_a": level of p_lower, "alpha_b": level of EACH upper
+        bound on the num_classes - 1 other classes, "num_classes": C,
+        "construction": text}`` (``BilateralBudget.as_dict()["bilateral"]``;
+        ``alpha_a + (num_classes - 1) alpha_b <= alpha_p``). A TSV sidecar
+        records the whole ``BilateralBudget.as_dict()`` as its ``alpha_budget``.
     """
 
     prediction: Any
@@ -86,6 +127,8 @@ class Certificate(NamedTuple):
     n: Any
     alpha_p: float
     alpha_d: float
+    p_upper: Any = None
+    bilateral: Any = None
 
 
 class Setup(NamedTuple):
@@ -103,8 +146,14 @@ class Setup(NamedTuple):
     sampler_tv: float
 
 
-def setup(key, logits_fn, x, family, *, attack, alpha, table, table_dir, batched, batch_size) -> Setup:
-    """Checks the arguments shared by the certifying protocols; builds or checks the table last."""
+def setup(key, logits_fn, x, family, *, attack, alpha, table, table_dir, batched, batch_size,
+          bilateral=False) -> Setup:
+    """Checks the arguments shared by the certifying protocols; builds or checks the table last.
+
+    With ``bilateral=True`` the table must keep the bilateral V grid: a given
+    table without it is refused, and the default one is
+    :func:`cached_bilateral_table`.
+    """
     key = check.key(key)
     model = counting.as_classifier(logits_fn)
     family = check.family(family)
@@ -117,6 +166,14 @@ def setup(key, logits_fn, x, family, *, attack, alpha, table, table_dir, batched
     if table is not None:
         cache_lib.check_table(table, family, d, attack)
         budget = rule.alpha_budget(alpha, table.alpha_d)
+        if bilateral and not table.bilateral:
+            raise ValueError(
+                "bilateral=True needs a radius table with the bilateral V grid, and this one has none: build it"
+                " with radius_table(..., bilateral=True), or pass table=None to use the cached bilateral table"
+            )
+    elif bilateral:  # may take long (exact route, Monte Carlo): only once everything else is checked
+        budget = rule.alpha_budget(alpha)
+        table = cached_bilateral_table(family, d, attack, alpha_d=budget.alpha_d, table_dir=table_dir)
     else:  # may take long (Monte Carlo): only once everything else is checked
         budget = rule.alpha_budget(alpha)
         table = cache_lib.cached_radius_table(family, d, attack, alpha_d=budget.alpha_d, table_dir=table_dir)
@@ -153,6 +210,47 @@ def _select(votes0, votes):
     return top, votes[top], votes0[-1] + votes[-1]
 
 
+@jax.jit
+def _select_bilateral(votes0, votes):
+    """:func:`_select` and the largest count among the n samples of any class but the selected one."""
+    top = jnp.argmax(votes0[:-1]).astype(jnp.int32)
+    others = votes[:-1].at[top].set(-1)
+    return top, votes[top], votes0[-1] + votes[-1], jnp.max(others)
+
+
+def _add_up(p: np.ndarray, tv: float) -> np.ndarray:
+    """``min(p + tv, 1)`` rounded up (a total-variation charge on an upper bound)."""
+    p = np.asarray(p, np.float64)
+    if tv == 0.0:
+        return p
+    return np.minimum(np.nextafter(p + tv, 2.0), 1.0)
+
+
+def _one_minus_up(p: np.ndarray) -> np.ndarray:
+    """``1 - p`` rounded up (one ulp above the correctly rounded difference), capped at 1."""
+    return np.minimum(np.nextafter(1.0 - np.asarray(p, np.float64), 2.0), 1.0)
+
+
+def bilateral_bounds(counts: np.ndarray, max_other: np.ndarray, n: int, budget: BilateralBudget,
+                     sampler_tv: float) -> tuple[np.ndarray, np.ndarray]:
+    """``(p_lower, p_upper)`` of a bilateral certificate (module docstring), float64.
+
+    Args:
+      counts: the selected class's counts among the ``n`` estimation samples.
+      max_other: the largest count of any other class among the same samples.
+      n: the number of estimation samples.
+      budget: the split, from :meth:`~soapbubble.bounds.WorstCase.bilateral_budget`.
+      sampler_tv: the sampler's total-variation bound (subtracted from ``p_lower``,
+        added to ``p_upper``).
+    """
+    p_lower = confidence.subtract_down(confidence.clopper_pearson_lower_exact(counts, n, budget.alpha_a), sampler_tv)
+    cap = _one_minus_up(p_lower)  # every other class has pB <= 1 - pA <= 1 - p_lower
+    if budget.num_classes == 2:
+        return p_lower, cap
+    p_b = _add_up(confidence.clopper_pearson_upper_exact(max_other, n, budget.alpha_b), sampler_tv)
+    return p_lower, np.minimum(p_b, cap)
+
+
 def certify(
     key,
     logits_fn: Callable,
@@ -167,6 +265,7 @@ def certify(
     table: table_lib.RadiusTable | None = None,
     table_dir: str | os.PathLike | None = None,
     batched: bool = False,
+    bilateral: bool = False,
 ) -> Certificate:
     """Cohen et al.'s CERTIFY for the classifier smoothed by ``family``.
 
@@ -176,6 +275,14 @@ def certify(
     when ``p_lower < 1/2`` and otherwise certifies ``table.radius(p_lower)``. It
     is wrong with probability at most ``alpha``. Every argument is checked
     before anything is sampled.
+
+    With ``bilateral=True`` (module docstring) the same counts also bound every
+    other class from above: ``p_lower`` at ``alpha_a = alpha_p / 2``, each of the
+    ``C - 1`` other classes at ``alpha_b = alpha_p / (2 (C - 1))`` (union bound),
+    and the radius is the larger of ``table.radius(p_lower)`` and
+    ``table.bilateral_radius(p_lower, p_upper)``; the certificate abstains unless
+    ``p_lower >= 1/2`` or ``p_lower > p_upper``. Still wrong with probability at
+    most ``alpha``; ``p_upper`` and the split are recorded in the certificate.
 
     Args:
       key: PRNG key; split into the selection and the estimation keys.
@@ -197,6 +304,11 @@ def certify(
       table_dir: cache directory (default ``$SOAPBUBBLE_CACHE/tables``).
       batched: whether ``x`` holds many inputs along axis 0 (a bool); row ``i``
         is certified with the key ``jax.random.fold_in(key, i)``.
+      bilateral: certify with the bilateral condition (a bool). The table must
+        keep the V grid (``radius_table(..., bilateral=True)``); the default one
+        is :func:`cached_bilateral_table` (built once: instant for Gaussian,
+        about a minute for L2Family on 2 cores, seconds beyond the unilateral
+        table for MixedLinf).
 
     Returns:
       A :class:`Certificate`: numpy scalars for one input, ``(rows,)`` arrays
@@ -204,8 +316,9 @@ def certify(
 
     Raises:
       ValueError: for a bad argument, a table that does not match the call, a
-        table whose ``alpha_d >= alpha``, or a classifier that returned NaN or
-        infinite logits under noise.
+        table whose ``alpha_d >= alpha``, a table without the V grid with
+        ``bilateral=True``, or a classifier that returned NaN or infinite
+        logits under noise.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -218,28 +331,99 @@ def certify(
     """
     n0 = check.count(n0, "n0")
     n = check.count(n, "n")
+    bilateral = check.flag(bilateral, "bilateral")
     s = setup(key, logits_fn, x, family, attack=attack, alpha=alpha, table=table, table_dir=table_dir,
-              batched=batched, batch_size=batch_size)
+              batched=batched, batch_size=batch_size, bilateral=bilateral)
     count0 = counting.counter(s.model, n0, batch_size, s.input_shape, s.xs.dtype)
     count = counting.counter(s.model, n, batch_size, s.input_shape, s.xs.dtype)
 
     keys = row_keys(s.key, s.xs.shape[0], batched)
-    out = []
+    select = _select_bilateral if bilateral else _select
+    out, num_classes = [], None
     for i in range(s.xs.shape[0]):  # one input at a time: memory stays bounded by batch_size
         k_select, k_estimate = jax.random.split(keys[i])
-        out.append(_select(count0(k_select, s.xs[i], s.family), count(k_estimate, s.xs[i], s.family)))
-    tops, counts, bad = (np.asarray(a, dtype=np.int64) for a in zip(*jax.device_get(out)))
+        votes = count(k_estimate, s.xs[i], s.family)
+        num_classes = votes.shape[-1] - 1
+        out.append(select(count0(k_select, s.xs[i], s.family), votes))
+    tops, counts, bad, *rest = (np.asarray(a, dtype=np.int64) for a in zip(*jax.device_get(out)))
     refuse_nonfinite(bad, n0 + n)
-    p_lower = confidence.subtract_down(confidence.clopper_pearson_lower_exact(counts, n, s.budget.alpha_p),
-                                       s.sampler_tv)
-    certified = p_lower >= 0.5
-    prediction = np.where(certified, tops, -1).astype(np.int32)
-    radius = np.where(certified, s.table.radius(p_lower), 0.0).astype(np.float64)
     alpha_p, alpha_d = s.budget.alpha_p, s.budget.alpha_d
+    p_upper = split = None
+    if bilateral:
+        budget = s.rule.bilateral_budget(s.budget.alpha, num_classes, s.budget.alpha_d)
+        p_lower, p_upper = bilateral_bounds(counts, rest[0], n, budget, s.sampler_tv)
+        certified = (p_lower >= 0.5) | (p_lower > p_upper)
+        best = np.maximum(s.table.radius(p_lower), s.table.bilateral_radius(p_lower, p_upper))
+        radius = np.where(certified, best, 0.0).astype(np.float64)
+        split = budget.as_dict()["bilateral"]
+    else:
+        p_lower = confidence.subtract_down(confidence.clopper_pearson_lower_exact(counts, n, alpha_p), s.sampler_tv)
+        certified = p_lower >= 0.5
+        radius = np.where(certified, s.table.radius(p_lower), 0.0).astype(np.float64)
+    prediction = np.where(certified, tops, -1).astype(np.int32)
     if batched:
-        return Certificate(prediction, radius, p_lower, counts, np.full(counts.shape, n, np.int64), alpha_p, alpha_d)
+        return Certificate(prediction, radius, p_lower, counts, np.full(counts.shape, n, np.int64), alpha_p, alpha_d,
+                           p_upper, split)
     return Certificate(np.int32(prediction[0]), np.float64(radius[0]), np.float64(p_lower[0]), int(counts[0]), n,
-                       alpha_p, alpha_d)
+                       alpha_p, alpha_d, None if p_upper is None else np.float64(p_upper[0]), split)
+
+
+def cached_bilateral_table(
+    family,
+    d: int,
+    attack: str,
+    *,
+    alpha_d: float = 5e-4,
+    n_samples: int = cache_lib.TABLE_SAMPLES,
+    table_dir: str | os.PathLike | None = None,
+) -> table_lib.RadiusTable:
+    """The default radius table of ``(family, d, attack)`` WITH the bilateral V grid, cached on disk.
+
+    The same table as :func:`~soapbubble.bounds.cache.cached_radius_table` (same
+    identity, radii, and for MixedLinf the same key ``TABLE_SEED`` and samples,
+    so the same ``p_min``) plus ``v_p`` and ``v``, in its own file
+    ``<family>-d<d>-<attack>-bilateral-<hash>.npz`` of the same folder; the hash
+    also covers :data:`~soapbubble.bounds.table.BILATERAL_SETTINGS`. A file that
+    does not match is rebuilt with a warning; files are written atomically.
+    """
+    import soapbubble
+
+    rule = worst_case(family, attack)
+    d = family.check_dimension(d)
+    if rule.monte_carlo and not 0.0 < float(alpha_d) < 1.0:
+        raise ValueError(f"alpha_d must be in (0, 1) for a Monte Carlo table, got {alpha_d!r}")
+    identity = cache_lib.table_identity(family, d, attack, alpha_d, n_samples)
+    radii = table_lib.default_radii(family, d, attack)
+    blob = json.dumps({**identity, "radii": radii.tolist(), "format": table_lib.FORMAT_VERSION,
+                       "soapbubble": soapbubble.__version__, "bilateral": table_lib.BILATERAL_SETTINGS},
+                      sort_keys=True)
+    digest = hashlib.sha256(blob.encode()).hexdigest()[:20]
+    folder = pathlib.Path(table_dir) if table_dir is not None else cache_lib.default_table_dir()
+    path = folder / f"{identity['family']}-d{d}-{attack}-bilateral-{digest}.npz"
+    if path.exists():
+        try:
+            table = table_lib.RadiusTable.load(
+                path, expected={**identity, "soapbubble_version": soapbubble.__version__})
+            if np.array_equal(table.radii, radii) and table.bilateral:
+                return table
+            raise ValueError(f"radius table {str(path)!r} has another radius grid or no V grid")
+        except ValueError as e:
+            warnings.warn(f"rebuilding a stale bilateral radius table: {e}", stacklevel=3)
+    if rule.monte_carlo:
+        table = table_lib.radius_table(jax.random.key(cache_lib.TABLE_SEED), family, d, attack, radii=radii,
+                                       n_samples=int(n_samples), alpha_d=float(alpha_d), bilateral=True)
+    else:
+        table = table_lib.radius_table(None, family, d, attack, radii=radii, bilateral=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".npz.tmp")
+    os.close(fd)
+    try:
+        table.save(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return table
 
 
 @jax.jit

@@ -475,8 +475,8 @@ def certify_adaptive(
     like :func:`soapbubble.certify`'s.
 
     Args:
-      key, logits_fn, xs, family, attack, n0, max_n, alpha, batch_size, table,
-        table_dir, row_ids: as :func:`certify_radii`.
+      key: as :func:`certify_radii` (so are logits_fn, xs, family, attack, n0, max_n,
+        alpha, batch_size, table, table_dir and row_ids).
       tol: radius tolerance, ``> 0`` (attack norm).
 
     Returns:

@@ -159,8 +159,8 @@ def run_markdown(path: pathlib.Path, tmp_path: pathlib.Path, timeout: float) -> 
     work.mkdir()
     env = {**os.environ, "SOAPBUBBLE_CACHE": str(tmp_path / "cache"), "MPLBACKEND": "Agg"}
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", _RUNNER, str(spec)], cwd=work, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run([sys.executable, "-c", _RUNNER, str(spec)], check=False, cwd=work,
+                          env=env, capture_output=True, text=True, timeout=timeout)
     elapsed = time.perf_counter() - start
     assert proc.returncode == 0, f"{path.name} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
     return elapsed, proc.stderr

@@ -88,7 +88,7 @@ def test_part_path_and_split():
     # Positions p, p + P, ... of the selection idx % skip == 0, idx < stop: a partition of it.
     shares = [list(merge.shard_indices(15, 2, p, 3)) for p in range(3)]
     assert shares == [[0, 6, 12], [2, 8, 14], [4, 10]]
-    assert sorted(sum(shares, [])) == list(range(0, 15, 2))
+    assert sorted(i for share in shares for i in share) == list(range(0, 15, 2))
 
 
 def test_two_processes_under_jax_distributed_equal_one_process(cache, single, tmp_path):

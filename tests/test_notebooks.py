@@ -23,6 +23,8 @@ from nbclient import NotebookClient
 
 NOTEBOOKS = pathlib.Path(__file__).resolve().parents[1] / "notebooks"
 NAMES = ("01_radial_laws", "02_pareto_frontier", "03_radius_curves")
+# Committed with the outputs of a full-size run (figures visible on GitHub); CI still runs it small.
+WITH_OUTPUTS = ("04_training_families",)
 # Two-sided normal quantile for every Monte Carlo check below (fixed keys: a check
 # always passes or always fails; this sets how strict it is, false-alarm rate ~1e-4 each).
 Z = scipy.stats.norm.isf(0.5e-4)
@@ -170,3 +172,82 @@ def test_radius_curves(tmp_path, monkeypatch):
     for attack, fam in (("l2", "l2_family"), ("linf", "l2_family"), ("linf", "mixed_certified")):
         radii = np.array(out[attack][fam])
         assert np.all(radii >= 0) and np.all(np.diff(radii) >= 0)  # R(p) is non-decreasing in p
+
+
+@pytest.mark.parametrize("name", WITH_OUTPUTS)
+def test_committed_with_full_size_outputs(name):
+    nb = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
+    nbformat.validate(nb)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert "SOAPBUBBLE_NOTEBOOK_SMALL" in code[0].source and "SOAPBUBBLE_NOTEBOOK_OUT" in code[0].source
+    outputs = [o for c in code for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    assert all(c.execution_count is not None for c in code)  # every cell ran, in one session
+    first = "".join(o.get("text", "") for o in code[0].outputs if o.output_type == "stream")
+    assert first.startswith("small=False")  # the outputs are the full-size run's, not CI's small one
+    assert any("image/png" in o.get("data", {}) for o in outputs)
+
+
+def test_training_families(tmp_path, monkeypatch):
+    import jax
+    import soapbubble.data
+    import soapbubble.models
+
+    work = tmp_path / "work"
+    monkeypatch.setenv("SOAPBUBBLE_NOTEBOOK_WORKDIR", str(work))
+    before = sorted(p.name for p in NOTEBOOKS.iterdir())
+    out = _execute("04_training_families", tmp_path, monkeypatch)
+    assert sorted(p.name for p in NOTEBOOKS.iterdir()) == before  # nothing written into the repository
+    d, sigma0, alpha = out["d"], out["sigma0"], out["alpha"]
+    assert out["small"] is True and d == 64 and sigma0 == 0.25
+    for name, k in (("gaussian", 0.0), ("l2", out["k_l2"]), ("mixed", out["k_mix"])):
+        assert out["sigma"][name] == pytest.approx(sigma0 * math.sqrt((d - 1) / (d - 1 - k)), rel=1e-12)
+    test = soapbubble.data.load_digits("test")
+    labels = np.asarray(out["labels"])
+    np.testing.assert_array_equal(labels, test.labels[: out["images"]])
+
+    # Clean accuracy, recomputed here from the saved weights with the flax module itself.
+    assert set(out["models"]) == {f"{f}-{o}" for f in ("gaussian", "l2", "mixed") for o in ("noise", "macer")}
+    for run, m in out["models"].items():
+        assert pathlib.Path(m["model_dir"]).is_relative_to(work)
+        loaded = soapbubble.models.load_model(m["model_dir"])
+        logits = jax.jit(lambda v, x: loaded.module.apply(v, x, train=False))(loaded.variables, test.images)
+        accuracy = float(np.mean(np.argmax(np.asarray(logits), axis=-1) == test.labels))
+        assert accuracy == pytest.approx(m["clean_accuracy"], abs=1e-6)
+        assert accuracy > 0.3  # chance is 0.1; one epoch reaches 0.5-0.75
+        assert (m["macer_weight"] > 0) == (m["objective"] == "macer")
+
+    radii = {"l2": np.asarray(out["radii_l2"]), "linf": np.asarray(out["radii_linf"])}
+    np.testing.assert_allclose(radii["linf"], radii["l2"] / math.sqrt(d), rtol=1e-15)
+    hits = {}
+    for c in out["certifications"]:
+        pred, cert = np.asarray(c["prediction"]), np.asarray(c["certified"], dtype=bool)
+        p_lower, n_used = np.asarray(c["p_lower"]), np.asarray(c["n_used"])
+        assert cert.shape == (len(labels), len(radii["l2"]))
+        assert np.all((n_used >= 0) & (n_used <= out["n"]))
+        assert not cert[pred == -1].any()  # an abstention certifies nothing
+        assert np.all(cert[:, 1:] <= cert[:, :-1])  # a larger ball is certified only inside a smaller one
+        assert c["alpha_p"] + c["alpha_d"] == pytest.approx(alpha, rel=1e-12)
+        assert c["alpha_d"] == (alpha / 2 if c["noise"] == "mixed" else 0.0)
+        assert c["attack"] == ("linf" if c["noise"] == "mixed" else "l2")
+        if c["noise"] == "gaussian":
+            # Cohen et al.: radius r is certified only if pA's lower bound reaches Phi(r / sigma0)
+            need = scipy.stats.norm.cdf(radii["l2"] / sigma0)
+            assert np.all(p_lower[:, None] >= np.where(cert, need[None, :], 0.0) - 1e-12)
+        else:
+            assert np.all(p_lower[cert.any(axis=1)] >= 0.5)
+        correct = (pred == labels)[:, None] & cert
+        attacks = ("linf",) if c["noise"] == "mixed" else ("l2", "linf")  # Theorem 3 for l2 runs
+        for attack in attacks:
+            hits[c["model"], c["noise"], attack] = correct.mean(axis=0)
+    # The curves are the certificates' certified accuracy: in [0, 1], non-increasing in the radius.
+    assert {(c["model"], c["noise"], c["attack"]) for c in out["curves"]} == set(hits)
+    for c in out["curves"]:
+        acc = np.asarray(c["accuracy"])
+        np.testing.assert_allclose(acc, hits[c["model"], c["noise"], c["attack"]], rtol=0, atol=1e-12)
+        assert np.all((acc >= 0) & (acc <= 1)) and np.all(np.diff(acc) <= 0)
+    # The library's l_inf route for the Gaussian model decides as the l2 run at r sqrt(d) (Theorem 3).
+    check = out["theorem3_check"]
+    gauss = next(c for c in out["certifications"] if (c["model"], c["noise"]) == ("gaussian-noise", "gaussian"))
+    assert check["linf_certified"] == gauss["certified"][: check["images"]]
+    assert check["linf_prediction"] == gauss["prediction"][: check["images"]]

@@ -47,6 +47,8 @@ import numpy as np
 import scipy.special
 import scipy.stats
 
+from soapbubble._validation import check_unit_interval
+
 __all__ = [
     "TAIL_MARGIN",
     "MIXTURE_PRIOR",
@@ -87,13 +89,7 @@ def _counts(count: Any, n: Any) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _alpha(alpha: Any) -> float:
-    try:
-        a = float(alpha)
-    except (TypeError, ValueError) as e:
-        raise TypeError(f"alpha must be a real number in (0, 1), got {alpha!r}") from e
-    if not 0.0 < a < 1.0:
-        raise ValueError(f"alpha must be in (0, 1), got {alpha!r}")
-    return a
+    return check_unit_interval(alpha, "alpha")
 
 
 def _step_until(p: np.ndarray, ok, down: bool) -> np.ndarray:

@@ -176,7 +176,7 @@ def _float_dtype() -> np.dtype:
 
 
 def betainc_log_error_bound(n: Any, dtype: Any = None) -> Array:
-    """Documented envelope on |log relative error| of jax's ``betainc`` at ``a + b = n + 1``.
+    """Documented envelope on ``|log relative error|`` of jax's ``betainc`` at ``a + b = n + 1``.
 
     ``E(n) = c0 + c1 * eps * n * log(n + 1)`` with ``(c0, c1) = (5e-5, 6)`` in float32,
     ``(5e-13, 12)`` in float64 (about twice the worst error measured against scipy
