@@ -96,52 +96,6 @@ def _processes(args) -> tuple[int, int]:
     return jax.process_index(), jax.process_count()
 
 
-def _load_model_in_this_process(path):
-    """``models.load(path)`` for one of several processes.
-
-    Under ``jax.distributed`` orbax treats a restore as a collective: a barrier over every
-    process and arrays laid out on the saved (global) devices, which fails on any process
-    that does not own device 0. Here each process restores the variables alone, as host
-    arrays, and checks them against the architecture as ``models.load`` does.
-    """
-    import logging
-    import warnings
-
-    import flax.core
-    import jax
-    import numpy as np
-    import orbax.checkpoint as ocp
-
-    from soapbubble.models import io, registry
-
-    path = os.path.abspath(os.fspath(path))
-    meta = io._read_meta(path)
-    var_path = os.path.join(path, "variables")
-    if not os.path.isdir(var_path):
-        raise FileNotFoundError(f"saved model at {path!r} lacks its variables: {var_path!r} is missing")
-    me = jax.process_index()
-    alone = ocp.options.MultiprocessingOptions(primary_host=None, active_processes={me},
-                                               barrier_sync_key_prefix=f"soapbubble-load-{me}")
-    checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(multiprocessing_options=alone),
-                                    multiprocessing_options=alone)
-    absl_log = logging.getLogger("absl")
-    level = absl_log.level
-    absl_log.setLevel(logging.ERROR)  # orbax warns that size logging is off without a primary host
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            tree = checkpointer.metadata(var_path).item_metadata.tree
-            restore = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-            raw = checkpointer.restore(var_path, args=ocp.args.PyTreeRestore(restore_args=restore))
-    finally:
-        absl_log.setLevel(level)
-    module = registry.build(meta.arch, **meta.config)
-    # On this process's first device, committed, as orbax's own restore leaves them.
-    variables = jax.device_put(io._match(raw, io._expected(module, meta.input_shape)), jax.local_devices()[0])
-    apply_fn = io.ApplyFn.of(meta.arch, meta.config, meta.input_shape)
-    return jax.tree_util.Partial(apply_fn, flax.core.freeze(variables))
-
-
 def _certify(args) -> int:
     process_index, process_count = _processes(args)  # first: jax.distributed must start before any computation
 
@@ -161,14 +115,10 @@ def _certify(args) -> int:
             raise ValueError(f"with {process_count} processes the default model must be trained first (it is not "
                              f"in {os.fspath(default_dir / 'model')}): run soapbubble train --default --workdir "
                              f"{os.fspath(default_dir)}, or pass --model DIR")
-        if process_count > 1:
-            model_path = default_dir / "model"
-            logits_fn = _load_model_in_this_process(model_path)
-        else:
-            logits_fn, model_path = main_job.default_model(progress=not args.quiet)
+        logits_fn, model_path = main_job.default_model(progress=not args.quiet)
     else:
         model_path = pathlib.Path(args.model)
-        logits_fn = _load_model_in_this_process(model_path) if process_count > 1 else models.load(model_path)
+        logits_fn = models.load(model_path)
     d = math.prod(dataset.image_shape)
     family = _family(args, d)
     budget = soapbubble.worst_case(family, args.attack).alpha_budget(args.alpha)

@@ -381,7 +381,8 @@ def cached_bilateral_table(
 
     The same table as :func:`~soapbubble.bounds.cache.cached_radius_table` (same
     identity, radii, and for MixedLinf the same key ``TABLE_SEED`` and samples,
-    so the same ``p_min``) plus ``v_p`` and ``v``, in its own file
+    so the same ``p_min``, to float rounding for MixedLinf, whose lambda grid
+    then also reaches below 1/2) plus ``v_p`` and ``v``, in its own file
     ``<family>-d<d>-<attack>-bilateral-<hash>.npz`` of the same folder; the hash
     also covers :data:`~soapbubble.bounds.table.BILATERAL_SETTINGS`. A file that
     does not match is rebuilt with a warning; files are written atomically.

@@ -50,7 +50,8 @@ the grid point at or below ``p`` (``V_r`` is non-decreasing in ``p``). Routes:
 
 * closed form: ``Phi(Phi^-1(p) - r_eff / sigma)`` less ``1e-13`` (float error);
 * Monte Carlo: :func:`soapbubble.bounds.dual.lower_bound` on the table's own
-  ``d_upper`` (the same DKW event as ``p_min``: no new failure probability);
+  ``d_upper`` (the same DKW event as ``p_min``: no new failure probability); the
+  default lambda grid then also reaches down to 1e-3;
 * exact (l2 family): ``max_j lam_j p - D_upper(lam_j)`` over
   ``_EXACT_V_LINES`` (20) values of ``lam`` per radius, where
   ``D(lam) = lam P(W < lam) - P(W > 1/lam)`` (the family's symmetry) is bounded
@@ -125,6 +126,8 @@ READABLE_FORMATS = (2, 3)
 # The p grid of V: 0 and Phi(t), t in [-_V_T, _V_T] in steps of _V_STEP.
 _V_T = 7.5
 _V_STEP = 0.01
+# Monte Carlo route: a bilateral table's default lambdas reach down to this.
+_V_LAMBDA_MIN = 1e-3
 # Exact route: V is computed at about this many radii, with this many lambdas each.
 _EXACT_V_RADII = 101
 _EXACT_V_LINES = 20
@@ -587,7 +590,10 @@ def radius_table(
         evenly over the radii.
       route: ``"auto"`` (closed form for Gaussian, exact quadrature for
         L2Family, Monte Carlo for MixedLinf) or ``"monte_carlo"``.
-      lambdas: lambda grid of the Monte Carlo route (default :func:`default_lambdas`).
+      lambdas: lambda grid of the Monte Carlo route (default :func:`default_lambdas`; with
+        ``bilateral=True`` also 620 geometric values from 1e-3 to 0.5, which V at
+        ``p < 1/2`` needs; ``p_min`` never takes its minimum there, so it is the
+        same up to float rounding of the sums).
       batch_size: rows per d-dimensional batch (MixedLinf).
       bilateral: also keep the V grid that bilateral certification needs
         (module docstring): instant on the closed form, seconds on the Monte
@@ -649,7 +655,13 @@ def radius_table(
             meta["bilateral"] = {"v": "max over lambdas of lam p - D_upper(lam), exact_l2.l2_ratio_cdf brackets",
                                  **info}
     else:
-        lams = default_lambdas() if lambdas is None else np.asarray(lambdas, dtype=np.float64)
+        if lambdas is not None:
+            lams = np.asarray(lambdas, dtype=np.float64)
+        elif bilateral:
+            # V at p < 1/2 needs lambdas below 1/2 too; they never give p_min ((1/2 + D)/lam > 1 there).
+            lams = np.concatenate([np.geomspace(_V_LAMBDA_MIN, 0.5, 621)[:-1], default_lambdas()])
+        else:
+            lams = default_lambdas()
         curve = dual.dual_curve(
             key, family, d, attack, radii, lams, n_samples, alpha_d=alpha / radii.size, batch_size=batch_size
         )

@@ -239,14 +239,44 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
     var_path = os.path.join(path, _VARIABLES_DIR)
     if not os.path.isdir(var_path):
         raise FileNotFoundError(f"saved model at {path!r} lacks its variables: {var_path!r} is missing")
+    variables = _match(_restore(var_path), _expected(module, meta.input_shape))
+    return LoadedModel(module, variables, meta)
+
+
+def _restore(var_path: str):
+    """The variables as saved; under ``jax.distributed`` each process restores alone.
+
+    Orbax treats a multi-process restore as a collective (a barrier over every process,
+    arrays laid out on the saved global devices), which fails on a process that does not
+    own device 0. A model is small and every process needs all of it: each reads it as
+    host arrays and puts them on its own first device.
+    """
     import orbax.checkpoint as ocp
 
-    with warnings.catch_warnings():
-        # Restoring without a target makes orbax warn about sharding; one CPU/host device is fine.
-        warnings.simplefilter("ignore", UserWarning)
-        raw = ocp.PyTreeCheckpointer().restore(var_path)
-    variables = _match(raw, _expected(module, meta.input_shape))
-    return LoadedModel(module, variables, meta)
+    if jax.process_count() == 1:
+        with warnings.catch_warnings():
+            # Restoring without a target makes orbax warn about sharding; one CPU/host device is fine.
+            warnings.simplefilter("ignore", UserWarning)
+            return ocp.PyTreeCheckpointer().restore(var_path)
+    import logging
+
+    me = jax.process_index()
+    alone = ocp.options.MultiprocessingOptions(primary_host=None, active_processes={me},
+                                               barrier_sync_key_prefix=f"soapbubble-load-{me}")
+    checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(multiprocessing_options=alone),
+                                    multiprocessing_options=alone)
+    absl_log = logging.getLogger("absl")
+    level = absl_log.level
+    absl_log.setLevel(logging.ERROR)  # orbax warns that size logging is off without a primary host
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            tree = checkpointer.metadata(var_path).item_metadata.tree
+            restore = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+            raw = checkpointer.restore(var_path, args=ocp.args.PyTreeRestore(restore_args=restore))
+    finally:
+        absl_log.setLevel(level)
+    return jax.device_put(raw, jax.local_devices()[0])
 
 
 def _canonical_config(config: dict) -> str:
