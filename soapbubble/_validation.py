@@ -135,3 +135,25 @@ def inputs(x: Any, batched: bool):
     # float64 stays float64 only under jax_enable_x64.
     dtype = jax.dtypes.canonicalize_dtype(np.promote_types(host.dtype, np.float32))
     return jnp.asarray(x, dtype), tuple(host.shape[1:] if batched else host.shape)
+
+
+#: Where the pixel-space conventions (and the mistakes they avoid) are explained.
+PIXEL_GUIDE = "docs/guides/pixel_space.md"
+
+
+def pixel_range(x: Any, logits_fn: Any) -> None:
+    """Warns when a classifier that declares its input range (``input_range``, e.g. a model from
+    ``soapbubble.models.load``) is given inputs outside it: noise is added in pixel space."""
+    import warnings
+
+    declared = getattr(getattr(logits_fn, "func", logits_fn), "input_range", None)
+    if declared is None:
+        return
+    low, high = declared
+    host = np.asarray(x)
+    if host.min() < low or host.max() > high:
+        warnings.warn(
+            f"x has values in [{host.min():.3g}, {host.max():.3g}], but this model expects pixel space in"
+            f" [{low:g}, {high:g}] (noise and sigma are in pixel units; normalization belongs inside the"
+            f" model): see {PIXEL_GUIDE}",
+            UserWarning, stacklevel=3)

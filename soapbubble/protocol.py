@@ -162,6 +162,7 @@ def setup(key, logits_fn, x, family, *, attack, alpha, table, table_dir, batched
     check.batch_size(batch_size, counting.CHUNK)
     batched = check.flag(batched, "batched")
     xs, input_shape = check.inputs(x, batched)
+    check.pixel_range(x, logits_fn)
     d = family.check_dimension(math.prod(input_shape))
     if table is not None:
         cache_lib.check_table(table, family, d, attack)

@@ -264,3 +264,25 @@ def test_load_gives_a_pytree_whose_checkpoints_share_one_compilation(tmp_path):
     assert (int(plain.prediction), plain.count, plain.p_lower) == (int(first.prediction), first.count, first.p_lower)
     assert soapbubble.predict(key, lambda b: module.apply(rand, b, train=False), x, family, n=100,
                               batch_size=50) == preds["rand"]
+
+
+def test_inputs_outside_pixel_space_warn_and_point_to_the_guide(tmp_path):
+    """A loaded model declares pixel space [0, 1]: certifying [-1, 1] inputs warns (guide named)."""
+    import soapbubble
+    from soapbubble import noise
+
+    module = registry.build("small_cnn")
+    variables = module.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))
+    model_io.save_model(tmp_path / "m", "small_cnn", {}, variables, dataset="digits")
+    logits_fn = model_io.load(tmp_path / "m")
+    table = soapbubble.radius_table(None, noise.Gaussian(0.25), 64, "l2")
+    image = np.full((8, 8, 1), 0.5, np.float32)
+    with pytest.warns(UserWarning, match=r"expects pixel space in \[0, 1\].*docs/guides/pixel_space.md"):
+        soapbubble.certify(jax.random.key(0), logits_fn, 2 * image - 1.2, noise.Gaussian(0.25), n=100, n0=50,
+                           batch_size=50, table=table)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # inputs in [0, 1]: no warning
+        soapbubble.certify(jax.random.key(0), logits_fn, image, noise.Gaussian(0.25), n=100, n0=50,
+                           batch_size=50, table=table)

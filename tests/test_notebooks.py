@@ -5,8 +5,15 @@ written to a temporary directory, so no global Jupyter install is needed) with
 ``SOAPBUBBLE_NOTEBOOK_SMALL=1``; it writes its key numbers to the JSON file named
 by ``SOAPBUBBLE_NOTEBOOK_OUT``, which the tests compare with closed forms computed
 here, independently of the notebooks and of the library.
+
+The committed .ipynb files carry the outputs of a full-size run (figures visible where the
+repository is browsed), written by ``notebooks/regenerate.py``, which stamps the hash of the code
+that produced them; ``test_committed_with_full_size_outputs`` fails when a notebook's code changed
+since. The small runs here execute in memory and never write the committed files.
 """
 
+import hashlib
+import importlib.util
 import json
 import math
 import pathlib
@@ -23,8 +30,10 @@ from nbclient import NotebookClient
 
 NOTEBOOKS = pathlib.Path(__file__).resolve().parents[1] / "notebooks"
 NAMES = ("01_radial_laws", "02_pareto_frontier", "03_radius_curves")
-# Committed with the outputs of a full-size run (figures visible on GitHub); CI still runs it small.
-WITH_OUTPUTS = ("04_training_families",)
+# Every notebook is committed with the outputs of a full-size run; CI runs them small.
+COMMITTED = (*NAMES, "04_training_families")
+# The ones that draw figures: their committed outputs must show at least one (image/png).
+WITH_FIGURES = COMMITTED
 # Two-sided normal quantile for every Monte Carlo check below (fixed keys: a check
 # always passes or always fails; this sets how strict it is, false-alarm rate ~1e-4 each).
 Z = scipy.stats.norm.isf(0.5e-4)
@@ -57,11 +66,15 @@ def _execute(name: str, tmp_path: pathlib.Path, monkeypatch) -> dict:
             kernel_dirs=[str(kernels)], ensure_native_kernel=False
         ),
     )
-    nb = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
+    path = NOTEBOOKS / f"{name}.ipynb"
+    committed = hashlib.sha256(path.read_bytes()).hexdigest()
+    nb = nbformat.read(path, as_version=4)
     # Raises CellExecutionError (with the traceback) if any cell fails.
     NotebookClient(
         nb, km=km, timeout=300, resources={"metadata": {"path": str(NOTEBOOKS)}}
     ).execute()
+    # executed in memory only: the committed full-size outputs are left as they are
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == committed
     errors = [
         o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"
     ]
@@ -69,16 +82,48 @@ def _execute(name: str, tmp_path: pathlib.Path, monkeypatch) -> dict:
     return json.loads(out.read_text())
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_committed_without_outputs(name):
+def _regenerate():
+    spec = importlib.util.spec_from_file_location("regenerate", NOTEBOOKS / "regenerate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_regenerate_covers_every_notebook():
+    assert _regenerate().ALL == COMMITTED
+    assert sorted(p.stem for p in NOTEBOOKS.glob("*.ipynb")) == sorted(COMMITTED)
+
+
+@pytest.mark.parametrize("name", COMMITTED)
+def test_committed_with_full_size_outputs(name):
     nb = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
     nbformat.validate(nb)
     code = [c for c in nb.cells if c.cell_type == "code"]
-    assert code and all(not c.outputs and c.execution_count is None for c in code)
+    assert code
     assert (
         "SOAPBUBBLE_NOTEBOOK_SMALL" in code[0].source
         and "SOAPBUBBLE_NOTEBOOK_OUT" in code[0].source
     )
+    regenerate = (
+        f"run `python notebooks/regenerate.py {name}` and commit the notebook with its outputs"
+    )
+    stamp = nb.metadata.get("soapbubble")
+    assert stamp is not None, f"{name}.ipynb has no record of a full-size run: {regenerate}"
+    assert stamp["code_sha256"] == _regenerate().code_hash(nb), (
+        f"{name}.ipynb: its code cells changed since the committed outputs were produced: {regenerate}"
+    )
+    assert stamp["small"] is False, f"{name}.ipynb holds a small run's outputs: {regenerate}"
+    outputs = [o for c in code for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"], f"{name}.ipynb has error outputs"
+    assert all(c.execution_count is not None for c in code), (
+        f"{name}.ipynb: a cell never ran: {regenerate}"
+    )
+    first = "".join(o.get("text", "") for o in code[0].outputs if o.output_type == "stream")
+    assert first.startswith("small=False")  # the notebook itself says it ran at full size
+    if name in WITH_FIGURES:
+        assert any("image/png" in o.get("data", {}) for o in outputs), (
+            f"{name}.ipynb shows no figure: {regenerate}"
+        )
 
 
 def test_radial_laws(tmp_path, monkeypatch):
@@ -172,20 +217,6 @@ def test_radius_curves(tmp_path, monkeypatch):
     for attack, fam in (("l2", "l2_family"), ("linf", "l2_family"), ("linf", "mixed_certified")):
         radii = np.array(out[attack][fam])
         assert np.all(radii >= 0) and np.all(np.diff(radii) >= 0)  # R(p) is non-decreasing in p
-
-
-@pytest.mark.parametrize("name", WITH_OUTPUTS)
-def test_committed_with_full_size_outputs(name):
-    nb = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
-    nbformat.validate(nb)
-    code = [c for c in nb.cells if c.cell_type == "code"]
-    assert "SOAPBUBBLE_NOTEBOOK_SMALL" in code[0].source and "SOAPBUBBLE_NOTEBOOK_OUT" in code[0].source
-    outputs = [o for c in code for o in c.outputs]
-    assert not [o for o in outputs if o.output_type == "error"]
-    assert all(c.execution_count is not None for c in code)  # every cell ran, in one session
-    first = "".join(o.get("text", "") for o in code[0].outputs if o.output_type == "stream")
-    assert first.startswith("small=False")  # the outputs are the full-size run's, not CI's small one
-    assert any("image/png" in o.get("data", {}) for o in outputs)
 
 
 def test_training_families(tmp_path, monkeypatch):

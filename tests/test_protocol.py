@@ -609,3 +609,19 @@ def test_table_cache_key_holds_the_library_version(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="soapbubble_version"):
         table_lib.RadiusTable.load(path, expected={"soapbubble_version": "another"})
     assert other.metadata["route"] == "closed_form"
+
+
+def test_flax_nnx_module_is_a_classifier_with_traced_weights(gaussian_table):
+    """flax nnx modules are pytrees: their parameters are traced, so new weights compile nothing."""
+    from flax import nnx
+
+    models = [nnx.Linear(D, 2, rngs=nnx.Rngs(0)) for _ in range(2)]
+    for model, bias in zip(models, ([0.0, 1.0], [1.0, 0.0])):
+        model.kernel.value = jnp.zeros((D, 2))
+        model.bias.value = jnp.asarray(bias)
+    x = at_distance(0.0)
+    first = certify(KEY, models[0], x, noise.Gaussian(SIGMA), n=500, batch_size=BATCH, table=gaussian_table)
+    programs = counting._count._cache_size()
+    second = certify(KEY, models[1], x, noise.Gaussian(SIGMA), n=500, batch_size=BATCH, table=gaussian_table)
+    assert counting._count._cache_size() == programs
+    assert (int(first.prediction), int(second.prediction)) == (1, 0) and first.count == second.count == 500

@@ -1,4 +1,11 @@
-"""Statistics behind a certificate: confidence bounds, the abstention test, radii.
+"""Jit-able statistics: confidence bounds, the abstention test, radii (training and differentiable use).
+
+Certificates do not use these bounds: ``certify``, ``predict`` and the sequential
+route compute theirs on the host in float64 from the counts, exact by
+construction and for any ``n``
+(:mod:`soapbubble.bounds.confidence`). The functions here run inside ``jit``,
+``vmap`` and ``grad`` (training objectives, research code); they are sound up to
+the documented envelope of jax's ``betainc`` below, for ``n <= MAX_N``.
 
 Alpha accounting
 ----------------
@@ -7,7 +14,7 @@ failure probability:
 
 * ``pA``, the probability that the base classifier returns the top class under
   noise, gets a one-sided Clopper-Pearson lower bound at level ``alpha_p``
-  (:func:`clopper_pearson_lower`) from ``n`` samples drawn *after* the class was
+  (exact on the host for certificates, jit-able here) from ``n`` samples drawn *after* the class was
   chosen on separate samples (Cohen et al.). ``P(pA < pA_lower) <= alpha_p``.
 * The Monte Carlo part of the dual bound, ``D(lambda) = E[(lambda - W)_+]`` of
   MATH.md section 3, gets a one-sided DKW/Massart bound at level ``alpha_D``

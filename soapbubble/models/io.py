@@ -42,7 +42,7 @@ import os
 import shutil
 import warnings
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import flax.core
 import flax.linen as nn
@@ -325,6 +325,9 @@ class ApplyFn:
     arch: str
     config: str
     input_shape: tuple
+
+    #: Every soapbubble model takes pixel space: images in [0, 1], normalization inside.
+    input_range: ClassVar[tuple[float, float]] = (0.0, 1.0)
 
     def __post_init__(self):
         _jitted_apply(self.arch, self.config)  # builds the module now: a bad config fails here
