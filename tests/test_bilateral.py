@@ -10,7 +10,6 @@ the radial law; mixed l_inf: importance sampling with a stated standard error).
 
 import json
 import math
-import warnings
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +22,6 @@ import scipy.stats
 import soapbubble
 from soapbubble import noise
 from soapbubble.bounds import exact_l2
-from soapbubble.bounds import table as table_lib
 from soapbubble.bounds.rules import worst_case
 from soapbubble.bounds.table import RadiusTable, radius_table
 from soapbubble.protocol import cached_bilateral_table
@@ -289,7 +287,7 @@ def test_exact_probabilities_are_consistent(cases):
 @pytest.mark.parametrize("name", ["gaussian", "l2", "mixed_linf"])
 def test_certified_bilateral_radius_never_exceeds_the_exact_one(cases, name):
     family, attack, f, base, probs, errors, table = cases[name]
-    reps, alpha, n = 10, 0.1, 2000
+    reps, alpha, n = 8, 0.1, 2000
     xs = np.repeat(base, reps, axis=0)
     exact = np.repeat(probs, reps, axis=0)
     err = np.broadcast_to(np.repeat(np.asarray(errors, float) * np.ones_like(probs), reps, axis=0), exact.shape)

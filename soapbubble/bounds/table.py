@@ -30,7 +30,7 @@ bound at level ``alpha_p`` fails with probability at most
 ``alpha_p + table.alpha_d``.
 
 Bilateral certification (MATH.md section 3, "Multi-class, bilateral")
--------------------------------------------------------------------
+---------------------------------------------------------------------
 A table built with ``bilateral=True`` also keeps the lower-bound function
 itself, ``V_r(p) = max_lam lam p - D_r(lam)``, on a grid of ``p`` for each
 radius (:attr:`RadiusTable.v_p`, :attr:`RadiusTable.v`). ``V_r`` bounds from
