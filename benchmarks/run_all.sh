@@ -38,6 +38,7 @@ fi
 run benchmarks/bench_vs_cohen.py "${QUICK[@]}"
 run benchmarks/bench_scaling.py "${QUICK[@]}"
 run benchmarks/bench_sequential.py "${QUICK[@]}"
+run benchmarks/bench_bilateral.py  # no --quick: --max 60 is the small run
 if [ "$GPU" = 1 ]; then
   run benchmarks/bench_vs_cohen.py --gpu "${QUICK[@]}"
 fi
