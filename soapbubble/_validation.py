@@ -119,7 +119,8 @@ def inputs(x: Any, batched: bool):
     host = np.asarray(x)
     if not np.issubdtype(host.dtype, np.floating):
         raise TypeError(
-            f"x must be a floating array in pixel space (e.g. images in [0, 1]), got dtype {host.dtype}"
+            f"x must be a floating array in pixel space (e.g. images in [0, 1]), got dtype {host.dtype};"
+            f" see {PIXEL_GUIDE}"
         )
     need = 2 if batched else 1
     if host.ndim < need:
