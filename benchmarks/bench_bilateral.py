@@ -34,7 +34,7 @@ import jax  # noqa: E402
 
 import soapbubble  # noqa: E402
 from soapbubble import data, main_job  # noqa: E402
-from soapbubble.protocol import cached_bilateral_table  # noqa: E402
+from soapbubble.bounds.cache import cached_radius_table  # noqa: E402
 
 PLANS = (("gaussian", "l2"), ("gaussian", "linf"), ("l2", "l2"), ("l2", "linf"), ("mixed_linf", "linf"))
 
@@ -46,7 +46,7 @@ def run(name, attack, family, xs, labels, logits_fn, config, table_dir, log):
     t0 = time.perf_counter()
     uni_table = soapbubble.cached_radius_table(family, d, attack, alpha_d=budget.alpha_d, table_dir=table_dir)
     t1 = time.perf_counter()
-    bil_table = cached_bilateral_table(family, d, attack, alpha_d=budget.alpha_d, table_dir=table_dir)
+    bil_table = cached_radius_table(family, d, attack, alpha_d=budget.alpha_d, table_dir=table_dir, bilateral=True)
     t2 = time.perf_counter()
     key = jax.random.key(config.seed)
     kw = dict(attack=attack, n0=config.n0, n=config.n, alpha=config.alpha, batch_size=config.batch_size,

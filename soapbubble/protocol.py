@@ -68,13 +68,8 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
-import pathlib
-import tempfile
-import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -91,7 +86,7 @@ from soapbubble.bounds import confidence
 from soapbubble.bounds import table as table_lib
 from soapbubble.bounds.rules import AlphaBudget, BilateralBudget, WorstCase, worst_case
 
-__all__ = ["Certificate", "certify", "predict", "cached_bilateral_table"]
+__all__ = ["Certificate", "certify", "predict"]
 
 
 class Certificate(NamedTuple):
@@ -152,7 +147,7 @@ def setup(key, logits_fn, x, family, *, attack, alpha, table, table_dir, batched
 
     With ``bilateral=True`` the table must keep the bilateral V grid: a given
     table without it is refused, and the default one is
-    :func:`cached_bilateral_table`.
+    :func:`~soapbubble.bounds.cache.cached_radius_table` with ``bilateral=True``.
     """
     key = check.key(key)
     model = counting.as_classifier(logits_fn)
@@ -174,7 +169,8 @@ def setup(key, logits_fn, x, family, *, attack, alpha, table, table_dir, batched
             )
     elif bilateral:  # may take long (exact route, Monte Carlo): only once everything else is checked
         budget = rule.alpha_budget(alpha)
-        table = cached_bilateral_table(family, d, attack, alpha_d=budget.alpha_d, table_dir=table_dir)
+        table = cache_lib.cached_radius_table(family, d, attack, alpha_d=budget.alpha_d, table_dir=table_dir,
+                                              bilateral=True)
     else:  # may take long (Monte Carlo): only once everything else is checked
         budget = rule.alpha_budget(alpha)
         table = cache_lib.cached_radius_table(family, d, attack, alpha_d=budget.alpha_d, table_dir=table_dir)
@@ -307,7 +303,7 @@ def certify(
         is certified with the key ``jax.random.fold_in(key, i)``.
       bilateral: certify with the bilateral condition (a bool). The table must
         keep the V grid (``radius_table(..., bilateral=True)``); the default one
-        is :func:`cached_bilateral_table` (built once: instant for Gaussian,
+        is :func:`~soapbubble.bounds.cache.cached_radius_table` with ``bilateral=True`` (built once: instant for Gaussian,
         about a minute for L2Family on 2 cores, seconds beyond the unilateral
         table for MixedLinf).
 
@@ -367,65 +363,6 @@ def certify(
                            p_upper, split)
     return Certificate(np.int32(prediction[0]), np.float64(radius[0]), np.float64(p_lower[0]), int(counts[0]), n,
                        alpha_p, alpha_d, None if p_upper is None else np.float64(p_upper[0]), split)
-
-
-def cached_bilateral_table(
-    family,
-    d: int,
-    attack: str,
-    *,
-    alpha_d: float = 5e-4,
-    n_samples: int = cache_lib.TABLE_SAMPLES,
-    table_dir: str | os.PathLike | None = None,
-) -> table_lib.RadiusTable:
-    """The default radius table of ``(family, d, attack)`` WITH the bilateral V grid, cached on disk.
-
-    The same table as :func:`~soapbubble.bounds.cache.cached_radius_table` (same
-    identity, radii, and for MixedLinf the same key ``TABLE_SEED`` and samples,
-    so the same ``p_min``, to float rounding for MixedLinf, whose lambda grid
-    then also reaches below 1/2) plus ``v_p`` and ``v``, in its own file
-    ``<family>-d<d>-<attack>-bilateral-<hash>.npz`` of the same folder; the hash
-    also covers :data:`~soapbubble.bounds.table.BILATERAL_SETTINGS`. A file that
-    does not match is rebuilt with a warning; files are written atomically.
-    """
-    import soapbubble
-
-    rule = worst_case(family, attack)
-    d = family.check_dimension(d)
-    if rule.monte_carlo and not 0.0 < float(alpha_d) < 1.0:
-        raise ValueError(f"alpha_d must be in (0, 1) for a Monte Carlo table, got {alpha_d!r}")
-    identity = cache_lib.table_identity(family, d, attack, alpha_d, n_samples)
-    radii = table_lib.default_radii(family, d, attack)
-    blob = json.dumps({**identity, "radii": radii.tolist(), "format": table_lib.FORMAT_VERSION,
-                       "soapbubble": soapbubble.__version__, "bilateral": table_lib.BILATERAL_SETTINGS},
-                      sort_keys=True)
-    digest = hashlib.sha256(blob.encode()).hexdigest()[:20]
-    folder = pathlib.Path(table_dir) if table_dir is not None else cache_lib.default_table_dir()
-    path = folder / f"{identity['family']}-d{d}-{attack}-bilateral-{digest}.npz"
-    if path.exists():
-        try:
-            table = table_lib.RadiusTable.load(
-                path, expected={**identity, "soapbubble_version": soapbubble.__version__})
-            if np.array_equal(table.radii, radii) and table.bilateral:
-                return table
-            raise ValueError(f"radius table {str(path)!r} has another radius grid or no V grid")
-        except ValueError as e:
-            warnings.warn(f"rebuilding a stale bilateral radius table: {e}", stacklevel=3)
-    if rule.monte_carlo:
-        table = table_lib.radius_table(jax.random.key(cache_lib.TABLE_SEED), family, d, attack, radii=radii,
-                                       n_samples=int(n_samples), alpha_d=float(alpha_d), bilateral=True)
-    else:
-        table = table_lib.radius_table(None, family, d, attack, radii=radii, bilateral=True)
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".npz.tmp")
-    os.close(fd)
-    try:
-        table.save(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return table
 
 
 @jax.jit

@@ -211,7 +211,6 @@ class _Loop(NamedTuple):
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def _run(key, xs, ids, rows, family, q, qc, log_level, n0, max_n, arrays, *, cfg: _Loop):
     """The pool loop on every device; returns per-row arrays (device-sharded by rows)."""
-    n_dev = cfg.mesh.size
     m = q.shape[0]
     C = cfg.num_classes
 

@@ -24,7 +24,7 @@ from soapbubble import noise
 from soapbubble.bounds import exact_l2
 from soapbubble.bounds.rules import worst_case
 from soapbubble.bounds.table import RadiusTable, radius_table
-from soapbubble.protocol import cached_bilateral_table
+from soapbubble.bounds.cache import cached_radius_table
 
 SIGMA = 0.5
 D = 4
@@ -163,18 +163,18 @@ def test_alpha_split_rule():
 
 def test_cached_bilateral_table(tmp_path):
     family = noise.Gaussian(SIGMA)
-    first = cached_bilateral_table(family, D, "l2", table_dir=tmp_path)
+    first = cached_radius_table(family, D, "l2", table_dir=tmp_path, bilateral=True)
     files = sorted(tmp_path.glob("*-bilateral-*.npz"))
     assert first.bilateral and len(files) == 1
-    again = cached_bilateral_table(family, D, "l2", table_dir=tmp_path)
+    again = cached_radius_table(family, D, "l2", table_dir=tmp_path, bilateral=True)
     assert np.array_equal(again.v, first.v) and np.array_equal(again.p_min, first.p_min)
     # Same p_min as the unilateral cached table.
     plain = soapbubble.cached_radius_table(family, D, "l2", table_dir=tmp_path)
     assert np.array_equal(plain.p_min, first.p_min)
     # A file that lost its V grid is rebuilt, with a warning.
     radius_table(None, family, D, "l2", radii=first.radii).save(files[0])
-    with pytest.warns(UserWarning, match="rebuilding a stale bilateral"):
-        rebuilt = cached_bilateral_table(family, D, "l2", table_dir=tmp_path)
+    with pytest.warns(UserWarning, match="rebuilding a stale radius table.*no V grid"):
+        rebuilt = cached_radius_table(family, D, "l2", table_dir=tmp_path, bilateral=True)
     assert rebuilt.bilateral
 
 

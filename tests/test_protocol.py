@@ -26,7 +26,6 @@ import scipy.stats
 from soapbubble import counting
 from soapbubble.bounds import cache as cache_lib
 from soapbubble import noise
-from soapbubble.bounds import stats
 from soapbubble.bounds import table as table_lib
 from soapbubble import Certificate, certify, predict
 from soapbubble.counting import class_counts

@@ -75,6 +75,7 @@ def cached_radius_table(
     alpha_d: float = 5e-4,
     n_samples: int = TABLE_SAMPLES,
     table_dir: str | os.PathLike | None = None,
+    bilateral: bool = False,
 ) -> table_lib.RadiusTable:
     """The default radius table of ``(family, d, attack)``, built once and cached on disk.
 
@@ -90,6 +91,9 @@ def cached_radius_table(
         recorded as 0, on the exact routes).
       n_samples: Monte Carlo samples (Monte Carlo route only).
       table_dir: directory of the cache (default :func:`default_table_dir`).
+      bilateral: also keep the bilateral ``V_r`` grid (:mod:`~soapbubble.bounds.table`);
+        a file of its own (``-bilateral-`` in the name, the hash also covers
+        :data:`~soapbubble.bounds.table.BILATERAL_SETTINGS`), with the same ``p_min``.
 
     Returns:
       The :class:`~soapbubble.bounds.table.RadiusTable`.
@@ -102,25 +106,29 @@ def cached_radius_table(
         raise ValueError(f"alpha_d must be in (0, 1) for a Monte Carlo table, got {alpha_d!r}")
     identity = table_identity(family, d, attack, alpha_d, n_samples)
     radii = table_lib.default_radii(family, d, attack)
-    blob = json.dumps({**identity, "radii": radii.tolist(), "format": table_lib.FORMAT_VERSION,
-                       "soapbubble": soapbubble.__version__}, sort_keys=True)
-    digest = hashlib.sha256(blob.encode()).hexdigest()[:20]
+    bilateral = bool(bilateral)
+    key_parts = {**identity, "radii": radii.tolist(), "format": table_lib.FORMAT_VERSION,
+                 "soapbubble": soapbubble.__version__}
+    if bilateral:
+        key_parts["bilateral"] = table_lib.BILATERAL_SETTINGS
+    digest = hashlib.sha256(json.dumps(key_parts, sort_keys=True).encode()).hexdigest()[:20]
     folder = pathlib.Path(table_dir) if table_dir is not None else default_table_dir()
-    path = folder / f"{identity['family']}-d{d}-{attack}-{digest}.npz"
+    kind = "-bilateral" if bilateral else ""
+    path = folder / f"{identity['family']}-d{d}-{attack}{kind}-{digest}.npz"
     if path.exists():
         try:
             table = table_lib.RadiusTable.load(
                 path, expected={**identity, "soapbubble_version": soapbubble.__version__})
-            if np.array_equal(table.radii, radii):
+            if np.array_equal(table.radii, radii) and (table.bilateral or not bilateral):
                 return table
-            raise ValueError(f"radius table {str(path)!r} has another radius grid")
+            raise ValueError(f"radius table {str(path)!r} has another radius grid or no V grid")
         except ValueError as e:
             warnings.warn(f"rebuilding a stale radius table: {e}", stacklevel=3)
     if rule.monte_carlo:
         table = table_lib.radius_table(jax.random.key(TABLE_SEED), family, d, attack, radii=radii,
-                                       n_samples=int(n_samples), alpha_d=float(alpha_d))
+                                       n_samples=int(n_samples), alpha_d=float(alpha_d), bilateral=bilateral)
     else:
-        table = table_lib.radius_table(None, family, d, attack, radii=radii)
+        table = table_lib.radius_table(None, family, d, attack, radii=radii, bilateral=bilateral)
     folder.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, suffix=".npz.tmp")
     os.close(fd)

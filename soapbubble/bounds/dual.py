@@ -48,7 +48,6 @@ Example:
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any, NamedTuple, Union
 
 import jax
