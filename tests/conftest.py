@@ -1,6 +1,7 @@
 """Shared helpers: statistical thresholds derived from the sample size."""
 
 import math
+import pkgutil
 
 import numpy as np
 import pytest
@@ -38,3 +39,14 @@ def chi2_pvalue(counts, probs) -> float:
 @pytest.fixture
 def rng():
     return np.random.default_rng(20261126)
+
+
+def public_modules() -> list[str]:
+    """Every soapbubble module whose dotted name has no ``_``-prefixed part (docs/conf.py lists the same)."""
+    import soapbubble
+
+    names = ["soapbubble"]
+    for info in pkgutil.walk_packages(soapbubble.__path__, "soapbubble."):
+        if not any(part.startswith("_") for part in info.name.split(".")):
+            names.append(info.name)
+    return sorted(names)

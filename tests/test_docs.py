@@ -21,7 +21,6 @@ import html.parser
 import importlib
 import inspect
 import pathlib
-import pkgutil
 import subprocess
 import sys
 import time
@@ -29,18 +28,11 @@ import zlib
 
 import pytest
 
-import soapbubble
+
+from conftest import public_modules
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
-
-
-def public_modules() -> list[str]:
-    names = ["soapbubble"]
-    for info in pkgutil.walk_packages(soapbubble.__path__, "soapbubble."):
-        if not any(part.startswith("_") for part in info.name.split(".")):
-            names.append(info.name)
-    return sorted(names)
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,6 @@ import importlib
 import json
 import os
 import pathlib
-import pkgutil
 import re
 import subprocess
 import sys
@@ -32,20 +31,13 @@ import time
 
 import pytest
 
-import soapbubble
+
+from conftest import public_modules
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 GUIDES = sorted((ROOT / "docs" / "guides").glob("*.md"))
 FLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
-
-
-def public_modules() -> list[str]:
-    names = ["soapbubble"]
-    for info in pkgutil.walk_packages(soapbubble.__path__, "soapbubble."):
-        if not any(part.startswith("_") for part in info.name.split(".")):
-            names.append(info.name)
-    return sorted(names)
 
 
 MODULES = public_modules()
