@@ -97,7 +97,7 @@ class LogGridTable(NamedTuple):
         tail, mass dropped on the right, normalisation and float rounding; see
         the module docstring for the proof and its scope), or ``inf`` when the
         table was built without :class:`LogConcaveFacts`. Estimates built from
-        draws of the table (the dual bound's DKW epsilon) add it.
+        draws of the table (the dual bound's deviation terms) add it.
     """
 
     edges: np.ndarray

@@ -281,3 +281,32 @@ def test_all_infinite_monte_carlo_table_warns():
     with pytest.warns(UserWarning, match="certifies no radius above 0"):
         radius_table(KEY, noise.MixedLinf(0.5, 1.0), 10, "linf", radii=np.linspace(0, 0.5, 6), n_samples=2000,
                      lambdas=np.array([0.1, 0.5]))
+
+
+def test_build_progress_changes_nothing(capsys, monkeypatch):
+    """progress=True draws the MixedLinf samples in host-visible pieces (4 here) and shows a bar on
+    stderr; the table is the same bit for bit, and no bar without a terminal."""
+    monkeypatch.setattr(dual, "PROGRESS_PIECES", 4)
+    family, d, n = noise.MixedLinf(0.5, 2.0), 10, 3_072  # 48 batches of 64: 4 pieces of 12
+    kw = dict(radii=np.linspace(0.0, 0.4, 9), n_samples=n, batch_size=64)
+    quiet = radius_table(KEY, family, d, "linf", **kw)  # progress=None: stderr is captured, not a terminal
+    assert capsys.readouterr().err == ""
+    shown = radius_table(KEY, family, d, "linf", progress=True, **kw)
+    err = capsys.readouterr().err
+    assert "radius table: Monte Carlo samples" in err and "100%" in err
+    np.testing.assert_array_equal(quiet.p_min, shown.p_min)
+    np.testing.assert_array_equal(quiet.radii, shown.radii)
+    assert quiet.metadata == shown.metadata
+    # The pieces are ratio_statistics' own samples (both programs compiled above).
+    k_main = jax.random.split(KEY)[0]
+    with jax.enable_x64(True):
+        whole = dual.ratio_statistics(k_main, family, d, "linf", n, batch_size=64)
+        drawn = []
+        pieces = dual.ratio_statistics(k_main, family, d, "linf", n, batch_size=64, progress=drawn.append)
+        assert drawn == [768, 768, 768, 768]
+        for a, b in zip(whole, pieces):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(TypeError, match="progress must be a bool or None"):
+        radius_table(KEY, family, d, "linf", progress="yes", **kw)
+    with pytest.raises(TypeError, match="progress must be None or a callable"):
+        dual.ratio_statistics(KEY, family, d, "linf", 10, progress=True)

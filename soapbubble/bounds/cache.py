@@ -76,6 +76,7 @@ def cached_radius_table(
     n_samples: int = TABLE_SAMPLES,
     table_dir: str | os.PathLike | None = None,
     bilateral: bool = False,
+    progress: bool | None = None,
 ) -> table_lib.RadiusTable:
     """The default radius table of ``(family, d, attack)``, built once and cached on disk.
 
@@ -94,6 +95,9 @@ def cached_radius_table(
       bilateral: also keep the bilateral ``V_r`` grid (:mod:`~soapbubble.bounds.table`);
         a file of its own (``-bilateral-`` in the name, the hash also covers
         :data:`~soapbubble.bounds.table.BILATERAL_SETTINGS`), with the same ``p_min``.
+      progress: a progress bar with the time left while a Monte Carlo table is
+        built (:func:`~soapbubble.bounds.table.radius_table`): ``None`` (default)
+        shows it when stderr is a terminal; the table is the same either way.
 
     Returns:
       The :class:`~soapbubble.bounds.table.RadiusTable`.
@@ -126,7 +130,8 @@ def cached_radius_table(
             warnings.warn(f"rebuilding a stale radius table: {e}", stacklevel=3)
     if rule.monte_carlo:
         table = table_lib.radius_table(jax.random.key(TABLE_SEED), family, d, attack, radii=radii,
-                                       n_samples=int(n_samples), alpha_d=float(alpha_d), bilateral=bilateral)
+                                       n_samples=int(n_samples), alpha_d=float(alpha_d), bilateral=bilateral,
+                                       progress=progress)
     else:
         table = table_lib.radius_table(None, family, d, attack, radii=radii, bilateral=bilateral)
     folder.mkdir(parents=True, exist_ok=True)

@@ -65,7 +65,10 @@ __all__ = [
     "MixedLinfRatioStats",
     "RatioStats",
     "DualCurve",
+    "PMinBound",
     "ratio_statistics",
+    "negated_statistics",
+    "p_min_bound",
     "log_ratio",
     "dual_curve",
     "dual_curve_from_stats",
@@ -138,6 +141,26 @@ class DualCurve(NamedTuple):
     d_hat: Array
     d_upper: Array
     epsilon: Array
+
+
+class PMinBound(NamedTuple):
+    """Variance-adaptive upper bounds on ``D`` at a few lambdas per radius, and ``p_min``.
+
+    Attributes:
+      lambdas: ``(m, J)`` float64, the lambdas of each radius (chosen on a pilot sample).
+      y_mean: ``(m, J)`` float64, the mean of ``Y = ((lam - W(z))_+ + (lam - W(-z))_+) / (2 lam)``.
+      deviation: ``(m, J)`` float64, Maurer and Pontil's empirical Bernstein deviation of ``Y``.
+      d_upper: ``(m, J)`` float64, ``min(lam (y_mean + deviation + slack), lam)``: for each
+        radius, ``D(lam) <= d_upper`` at all its ``J`` lambdas with probability ``>= 1 - alpha_d``.
+      p_min: ``(m,)`` float64, ``min_j (1/2 + d_upper) / lam``, rounded up: an upper bound on
+        the smallest ``p`` with ``V_r(p) >= 1/2`` on the same event.
+    """
+
+    lambdas: Array
+    y_mean: Array
+    deviation: Array
+    d_upper: Array
+    p_min: Array
 
 
 # --------------------------------------------------------------------------- validation
@@ -231,10 +254,8 @@ def _l2_stats(family, key, n, d):
     return L2RatioStats(rho=rho, z1=rho * u1)
 
 
-@functools.partial(jax.jit, static_argnames=("n", "d", "batch"))
-def _mixed_stats(family, key, n, d, batch):
-    n_batches = -(-n // batch)
-
+@functools.partial(jax.jit, static_argnames=("d", "batch"))
+def _mixed_batches(family, keys, d, batch):
     def one_batch(k):
         z = family.sample(k, batch, (d,), dtype=_F64)
         zmax = jnp.max(z, axis=1)
@@ -242,13 +263,32 @@ def _mixed_stats(family, key, n, d, batch):
         return jnp.maximum(zmax, -zmin), zmax, zmin, jnp.sum(z, axis=1)
 
     # Sequential over batches: memory is batch * d, not n * d.
-    out = jax.lax.map(one_batch, jax.random.split(key, n_batches))
+    return jax.lax.map(one_batch, keys)
+
+
+#: Pieces the MixedLinf sampling is cut into when ``ratio_statistics`` reports progress.
+PROGRESS_PIECES = 200
+
+
+def _mixed_stats(family, key, n, d, batch, progress):
+    keys = jax.random.split(key, -(-n // batch))
+    if progress is None:
+        out = _mixed_batches(family, keys, d, batch)
+    else:
+        # The same batches, in pieces the host sees finish (two compiled piece sizes at most).
+        step = max(1, -(-keys.shape[0] // PROGRESS_PIECES))
+        parts = []
+        for start in range(0, keys.shape[0], step):
+            parts.append(jax.block_until_ready(_mixed_batches(family, keys[start:start + step], d, batch)))
+            progress(min(n, (start + step) * batch) - min(n, start * batch))
+        out = [jnp.concatenate([part[i] for part in parts]) for i in range(4)]
     # The surplus of the last batch is dropped, so exactly n samples remain.
     return MixedLinfRatioStats(*(x.reshape(-1)[:n] for x in out))
 
 
 def ratio_statistics(
-    key: Array, family: Any, d: int, attack: str, n_samples: int, *, batch_size: int = 1024
+    key: Array, family: Any, d: int, attack: str, n_samples: int, *, batch_size: int = 1024,
+    progress: Any = None,
 ) -> RatioStats:
     """Draws the per-sample statistics that determine ``log W`` for every radius.
 
@@ -268,6 +308,10 @@ def ratio_statistics(
       attack: ``"l2"`` or ``"linf"`` (MixedLinf only certifies ``"linf"``).
       n_samples: number of samples ``n >= 1``.
       batch_size: rows per batch for MixedLinf (>= 1).
+      progress: ``None``, or a callable given the number of samples drawn since its
+        last call (e.g. a tqdm bar's ``update``). MixedLinf then draws its batches in
+        up to :data:`PROGRESS_PIECES` pieces (the same batches, so the same numbers);
+        the l2 statistics are drawn in one call and reported at the end.
 
     Returns:
       :class:`L2RatioStats` or :class:`MixedLinfRatioStats` of ``(n,)`` float64 arrays.
@@ -285,10 +329,27 @@ def ratio_statistics(
     n = _check_count(n_samples, "n_samples")
     batch = _check_count(batch_size, "batch_size")
     d = family.check_dimension(d)
+    if progress is not None and not callable(progress):
+        raise TypeError(f"progress must be None or a callable, got {progress!r}")
     with jax.enable_x64(True):
         if kind == "l2":
-            return _l2_stats(family, key, n, d)
-        return _mixed_stats(family, key, n, d, min(batch, n))
+            stats = _l2_stats(family, key, n, d)
+            if progress is not None:
+                progress(n)
+            return stats
+        return _mixed_stats(family, key, n, d, min(batch, n), progress)
+
+
+def negated_statistics(stats: RatioStats) -> RatioStats:
+    """The statistics of ``-z``: the same law as those of ``z`` (every family is symmetric).
+
+    Example:
+      >>> negated_statistics(L2RatioStats(rho=jnp.ones(2), z1=jnp.array([0.5, -1.0]))).z1
+      Array([-0.5,  1. ], dtype=float32)
+    """
+    if isinstance(stats, L2RatioStats):
+        return L2RatioStats(rho=stats.rho, z1=-stats.z1)
+    return MixedLinfRatioStats(linf=stats.linf, zmax=-stats.zmin, zmin=-stats.zmax, zsum=-stats.zsum)
 
 
 # --------------------------------------------------------------------------- log W
@@ -491,6 +552,133 @@ def dual_curve(
     _check_slack_dimension(family.check_dimension(d))  # before any sampling
     stats = ratio_statistics(key, family, d, attack, n_samples, batch_size=batch_size)
     return dual_curve_from_stats(family, stats, d, attack, r, lambdas, alpha_d=alpha_d)
+
+
+# --------------------------------------------------------------------------- p_min, variance-adaptive
+
+
+def _maurer_pontil(variance, n, delta):
+    """Empirical Bernstein deviation (Maurer and Pontil 2009, Theorem 4) for values in [0, 1]."""
+    log_term = jnp.log(2.0 / delta)
+    return jnp.sqrt(2.0 * variance * log_term / n) + 7.0 * log_term / (3.0 * (n - 1))
+
+
+@functools.partial(jax.jit, static_argnames=("kind", "attack", "d"))
+def _p_min_core(family, stats, negated, radii, lambdas, delta, slack, kind, attack, d):
+    n = stats[0].shape[0]
+
+    def one_radius(args):
+        r, lams = args
+        # Y averages z and -z (antithetic): both have the law pi0, and their ratios
+        # move in opposite directions, which lowers the variance of Y.
+        w = jnp.exp(_log_w(kind, attack, family, stats, d, r))[:, None]
+        w_neg = jnp.exp(_log_w(kind, attack, family, negated, d, r))[:, None]
+        y = 0.5 * (jnp.maximum(1.0 - w / lams, 0.0) + jnp.maximum(1.0 - w_neg / lams, 0.0))
+        mean = jnp.mean(y, axis=0)
+        variance = jnp.sum(jnp.square(y - mean), axis=0) / (n - 1)
+        return mean, variance
+
+    mean, variance = jax.lax.map(one_radius, (radii, lambdas))
+    deviation = _maurer_pontil(variance, n, delta)
+    d_upper = jnp.minimum(lambdas * (mean + deviation + slack), lambdas)
+    p_min = jnp.min((0.5 + d_upper) / lambdas, axis=-1) * (1.0 + 4.0 * _U)
+    return mean, deviation, d_upper, p_min
+
+
+def _pilot_lambdas(family, pilot, d, attack, radii, lambdas, n_lambdas, width):
+    """For each radius, ``n_lambdas`` lambdas around the pilot's optimum of ``(1/2 + D_hat) / lam``."""
+    kind = _stats_kind(family, attack)
+    zero = jnp.asarray(0.0, _F64)
+    d_hat, _ = _curve_core(family, pilot, radii, lambdas, zero, zero, kind=kind, attack=attack, d=d)
+    best = lambdas[jnp.argmin((0.5 + d_hat) / lambdas[None, :], axis=1)]
+    spread = best[:, None] * jnp.exp(jnp.linspace(-width, width, n_lambdas))[None, :]
+    return jnp.clip(spread, jnp.min(lambdas), jnp.max(lambdas))  # stay within the caller's grid
+
+
+def p_min_bound(
+    family: Any,
+    stats: RatioStats,
+    pilot: RatioStats,
+    d: int,
+    attack: str,
+    r: Any,
+    *,
+    alpha_d: float = 1e-3,
+    lambdas: Any = None,
+    n_lambdas: int = 5,
+    width: float = 0.2,
+) -> PMinBound:
+    """``p_min(r)`` by a variance-adaptive bound on ``D`` at lambdas chosen on a pilot sample.
+
+    The DKW band of :func:`dual_curve` adds ``lam eps`` to ``D(lam)`` at every lambda,
+    the same ``eps`` where ``W < lam`` is nearly certain as where it is a coin flip;
+    near ``p = 1`` that costs most of the radius. Here only the few lambdas that can
+    give ``p_min`` are bounded: the optimum of ``(1/2 + D_hat(lam)) / lam`` on an
+    independent ``pilot`` sample (over the grid ``lambdas``), and ``n_lambdas`` values
+    around it (``lam* exp(t)``, ``t`` evenly spaced in ``[-width, width]``, clipped to
+    the grid's range). At each of
+    them ``D(lam) / lam = E[Y]`` with ``Y = ((lam - W(z))_+ + (lam - W(-z))_+) / (2 lam)``
+    in ``[0, 1]`` (``-z`` has the law of ``z``), and Maurer and Pontil's empirical
+    Bernstein bound (2009, Theorem 4) at level ``alpha_d / n_lambdas`` gives, for each
+    radius, ``E[Y] <= mean(Y) + sqrt(2 V ln(2/delta) / n) + 7 ln(2/delta) / (3 (n - 1))``
+    at all its lambdas with probability ``>= 1 - alpha_d`` over ``stats`` (``V`` is the
+    unbiased sample variance). The choice of lambdas depends on the pilot only, so the
+    bound needs no uniformity over lambda; any lambda gives a sound ``p_min``, a better
+    one a smaller one. The same float slack as :func:`dual_curve` (``1e-7 lam``, for
+    ``d <= 1e6``) and the sampler's total-variation bound are added, as to ``D_hat``.
+
+    Args:
+      family, d, attack: as for :func:`ratio_statistics`.
+      stats: the statistics the bound rests on (``n >= 2``).
+      pilot: independent statistics of the same family (any size >= 1), for the lambdas.
+      r: radii ``>= 0``, scalar or ``(m,)``.
+      alpha_d: failure probability of each radius' bound, in ``(0, 1)``.
+      lambdas: the pilot's lambda grid (default: ``table.default_lambdas()``'s
+        geometric grid from 0.5 to 1e6 with 4001 values).
+      n_lambdas: lambdas bounded per radius (>= 1).
+      width: half-width of their spread in ``log lam`` (>= 0).
+
+    Returns:
+      :class:`PMinBound` with ``(m, n_lambdas)`` arrays and ``p_min`` of shape ``(m,)``
+      (``()`` for a scalar ``r``).
+
+    Example:
+      >>> fam = noise.Gaussian(1.0)
+      >>> k_main, k_pilot = jax.random.split(jax.random.key(0))
+      >>> stats = ratio_statistics(k_main, fam, 4, "l2", 100_000)
+      >>> pilot = ratio_statistics(k_pilot, fam, 4, "l2", 10_000)
+      >>> b = p_min_bound(fam, stats, pilot, 4, "l2", 0.5)  # Cohen et al.: Phi(0.5) = 0.6915
+      >>> 0.6915 <= float(b.p_min) < 0.70
+      True
+    """
+    kind = _stats_kind(family, attack)
+    d = family.check_dimension(d)
+    alpha = _check_alpha(alpha_d)
+    _check_radius(r, 1)
+    j = _check_count(n_lambdas, "n_lambdas")
+    if not (np.isfinite(width) and width >= 0):
+        raise ValueError(f"width must be finite and >= 0, got {width!r}")
+    grid = np.geomspace(0.5, 1e6, 4001) if lambdas is None else lambdas
+    _check_lambdas(grid)
+    with jax.enable_x64(True):
+        stats = _check_stats(stats, kind)
+        pilot = _check_stats(pilot, kind)
+        n = stats[0].shape[0]
+        if n < 2:
+            raise ValueError(f"stats must hold at least 2 samples (an empirical variance), got {n}")
+        radii = jnp.asarray(r, _F64)
+        lams = _pilot_lambdas(family, pilot, d, attack, jnp.atleast_1d(radii), jnp.asarray(grid, _F64),
+                              j, float(width))
+        slack = _slack(n, d) + worst_case(family, attack).sampler_tv(family, d)
+        ratio_stats = (L2RatioStats if kind == "l2" else MixedLinfRatioStats)(*stats)
+        negated = tuple(negated_statistics(ratio_stats))
+        mean, deviation, d_upper, p_min = _p_min_core(
+            family, stats, negated, jnp.atleast_1d(radii), lams, jnp.asarray(alpha / j, _F64),
+            jnp.asarray(slack, _F64), kind=kind, attack=attack, d=d,
+        )
+        if radii.ndim == 0:
+            return PMinBound(lams[0], mean[0], deviation[0], d_upper[0], p_min[0])
+        return PMinBound(lams, mean, deviation, d_upper, p_min)
 
 
 # --------------------------------------------------------------------------- lower bound

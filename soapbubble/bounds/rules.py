@@ -36,8 +36,8 @@ unchanged: the bilateral lookup uses the same table event.
 A sampler that only approximates its family (MixedLinf draws ``‖z‖∞`` from a
 tabulated law) is charged where it enters: its total-variation bound
 (:meth:`WorstCase.sampler_tv`) is subtracted from every probability estimated
-from its draws (the pA bound here, the table's D through the DKW ε in
-:mod:`~soapbubble.bounds.dual`).
+from its draws (the pA bound here, the table's D through the deviation of its
+bound in :mod:`~soapbubble.bounds.dual`).
 
 Example:
   >>> from soapbubble import noise
@@ -106,8 +106,11 @@ class BilateralBudget(NamedTuple):
     alpha_b: float
     num_classes: int
 
-    def as_dict(self) -> dict[str, Any]:
+    def as_dict(self, construction: str | None = None) -> dict[str, Any]:
         """The budget as a JSON-ready dict: :meth:`AlphaBudget.as_dict`'s keys plus ``bilateral``.
+
+        ``construction`` says how the bounds were built (default: the Clopper-Pearson
+        text of :func:`soapbubble.certify`; the sequential route states its own).
 
         ``{"alpha", "alpha_p", "alpha_d", "bilateral": {"alpha_a", "alpha_b", "num_classes",
         "construction"}}``: readers that know only the unilateral keys still find ``alpha_p``
@@ -121,7 +124,7 @@ class BilateralBudget(NamedTuple):
                 "alpha_a": self.alpha_a,
                 "alpha_b": self.alpha_b,
                 "num_classes": self.num_classes,
-                "construction": BILATERAL_CONSTRUCTION,
+                "construction": BILATERAL_CONSTRUCTION if construction is None else construction,
             },
         }
 
