@@ -28,6 +28,22 @@ devices. What can differ between batch shapes is ``logits_fn`` itself: a matrix
 product may round differently for different batch sizes (BLAS blocking), which
 changes a prediction only where two logits tie to the last bit.
 
+Many inputs. One compiled call counts a group of rows (up to :data:`GROUP`,
+padded to a power of two, so a dataset compiles a handful of programs), each
+with several streams of samples (``certify``: the ``n0`` selection and the ``n``
+estimation samples, each with its own key). Every chunk of every row is a work
+item; a step takes the next ``batch_size // CHUNK`` items whatever rows they
+belong to, so a forward batch carries several rows' samples when one row needs
+less than a batch, and only a group's last step is partly idle. The step's
+shape depends on one row's needs only (never on the group), so a row's counts
+are the same bit for bit alone or in a group. All groups are dispatched before
+any count is read: one host round trip per call of :meth:`Counter.rows`.
+
+Memory. XLA:CPU's kernels allocate and free blocks of a few MiB at every step;
+:func:`keep_heap_memory` (called by the first :func:`num_classes`) keeps glibc's
+malloc from mapping them anew each time, which otherwise costs thousands of
+page faults per step.
+
 Sharding. The chunks of a step are spread over every local device
 (``jax.local_devices()``) with :func:`jax.shard_map` on a one-axis
 :class:`~jax.sharding.Mesh`; each device counts its chunks and the counts are
@@ -51,8 +67,12 @@ Example:
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import functools
 import math
+import os
+import sys
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -64,7 +84,8 @@ from jax.sharding import PartitionSpec as P
 
 from soapbubble import _validation as check
 
-__all__ = ["CHUNK", "Classifier", "as_classifier", "chunk_key", "class_counts", "local_mesh"]
+__all__ = ["CHUNK", "GROUP", "Classifier", "Counter", "as_classifier", "chunk_key", "class_counts", "counter",
+           "group_size", "keep_heap_memory", "local_mesh"]
 
 #: Rows per noise chunk: the unit of randomness (chunk j uses chunk_key(key, j)).
 CHUNK = 50
@@ -154,7 +175,12 @@ def _num_classes_cached(static, arrays_spec, rows: int, input_shape: tuple, dtyp
 
 
 def num_classes(model: Classifier, rows: int, input_shape: tuple, dtype) -> int:
-    """Checks the classifier on one abstract batch (no computation); returns the number of classes."""
+    """Checks the classifier on one abstract batch (no computation); returns the number of classes.
+
+    Every route (fixed n, sequential) checks its classifier here before its
+    compiled loop, so this is also where :func:`keep_heap_memory` takes effect.
+    """
+    keep_heap_memory()
     spec = tuple(None if a is None else jax.ShapeDtypeStruct(a.shape, a.dtype) for a in model.arrays)
     return _num_classes_cached(model.static, spec, rows, tuple(input_shape), np.dtype(dtype))
 
@@ -225,11 +251,56 @@ def votes(logits: jax.Array, num_classes: int) -> jax.Array:
     return pred[:, None] == jnp.arange(num_classes + 1)[None, :]
 
 
+# --------------------------------------------------------------------------- memory
+
+#: glibc mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+#: Blocks below this come from the heap and are reused (glibc's own ceiling for its dynamic threshold).
+MMAP_THRESHOLD = 32 * 2**20
+#: Free memory kept at the top of a heap before it is given back to the system.
+TRIM_THRESHOLD = 64 * 2**20
+
+
+@functools.cache
+def keep_heap_memory() -> bool:
+    """Lets glibc's malloc reuse the compiled loop's per-step buffers instead of mapping them anew.
+
+    XLA:CPU's kernels (the convolutions' packing buffers) allocate and free
+    blocks of a few MiB at every step of the counting loop. With glibc's
+    defaults, whether those blocks are mapped and unmapped each time depends on
+    what the process freed before (the dynamic mmap threshold), and where they
+    are, every step pays for thousands of fresh zeroed pages (minor page faults:
+    about 1,800 per 1000-row step of the default digits model, some 36,000 per
+    image certified at n = 10,000, and nearly half of its time on 2 CPU cores;
+    benchmarks/RESULTS.md, "Many small inputs"). Fixing the thresholds once
+    (blocks under 32 MiB from the heap, heaps trimmed beyond 64 MiB free) lets
+    the loop run at the speed of the bare forward pass. Called by
+    :func:`num_classes` (every route's check of its classifier before its loop);
+    a no-op off glibc, or when ``SOAPBUBBLE_KEEP_MALLOC=1`` asks to leave the
+    process's malloc settings alone.
+
+    Returns:
+      Whether the thresholds were set.
+
+    Example:
+      >>> keep_heap_memory() in (True, False)   # once per process (cached)
+      True
+    """
+    if os.environ.get("SOAPBUBBLE_KEEP_MALLOC") == "1" or not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # musl and others: no mallopt
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+
+
 # --------------------------------------------------------------------------- fixed n
 
 
 def per_step(n: int, batch_size: int, n_dev: int) -> int:
-    """Chunks per device per step: batch_size // CHUNK, at most what n needs."""
+    """Chunks per device per step: batch_size // CHUNK, at most what n samples need."""
     n_chunks = -(-n // CHUNK)
     return min(batch_size // CHUNK, -(-n_chunks // n_dev))
 
@@ -244,63 +315,166 @@ def local_mesh() -> Mesh:
     return _mesh_for(tuple(jax.local_devices()))
 
 
-@functools.partial(jax.jit, static_argnames=("static", "per_step", "mesh", "num_classes"))
-def _count(key, x, family, n, arrays, *, static, per_step, mesh, num_classes):
-    """Votes of ``logits_fn(x + z_i)``, i < n: int32 ``(num_classes + 1,)``, replicated.
+def _chunks(n):
+    """``ceil(n / CHUNK)`` without the int32 overflow of ``n + CHUNK - 1`` near ``2**31``."""
+    return n // CHUNK + (n % CHUNK > 0).astype(n.dtype)
 
-    ``n`` is traced (one program serves every n with the same ``per_step``).
+
+@functools.partial(jax.jit, static_argnames=("static", "per_step", "mesh", "num_classes"))
+def _count(keys, xs, rows, ns, family, arrays, *, static, per_step, mesh, num_classes):
+    """Votes of ``logits_fn(xs[r] + z)`` for rows ``r < rows`` and streams ``s``: int32 ``(G, S, C + 1)``.
+
+    ``keys`` ``(G, S)``: stream ``s`` of row ``r`` draws ``ns[s]`` samples with
+    ``keys[r, s]`` (chunk ``j`` is ``chunk_key(keys[r, s], j)``). Every chunk of
+    every live row is one work item; a step evaluates ``per_step`` consecutive
+    items per device, whatever rows they belong to, so rows that need fewer
+    samples than a batch share it and only the group's last step is partly idle.
+    ``rows`` and ``ns`` are traced: one program serves every group of at most
+    ``G`` rows and every ``n`` with the same ``per_step``. Replicated output.
     """
     n_dev = mesh.size
-    rows = per_step * CHUNK
-    n = jnp.asarray(n, jnp.int32)
-    n_chunks = (n + CHUNK - 1) // CHUNK
-    steps = (n_chunks + n_dev * per_step - 1) // (n_dev * per_step)
 
-    def local(key, x, family, n, steps, arrays):
+    def local(keys, xs, rows, ns, family, arrays):
         dev = lax.axis_index(_AXIS)
         logits_fn = Classifier(static, arrays).rebuild()
+        chunks = _chunks(ns)  # (S,)
+        starts = jnp.cumsum(chunks) - chunks  # first item of stream s within a row
+        per_row = jnp.maximum(jnp.sum(chunks), 1)
+        total = rows * per_row
+        steps = (total + n_dev * per_step - 1) // (n_dev * per_step)
 
         def body(step, counts):
-            chunk = (step * n_dev + dev) * per_step + jnp.arange(per_step)
-            keys = jax.vmap(lambda j: chunk_key(key, j))(chunk)
-            batch = noisy_chunks(keys, jnp.broadcast_to(x, (per_step, *x.shape)), family)
-            index = (chunk[:, None] * CHUNK + jnp.arange(CHUNK)[None, :]).reshape(rows)
-            # Rows past n (surplus of the last chunk, idle chunks) count for nothing.
-            hits = votes(logits_fn(batch), num_classes) & (index < n)[:, None]
-            return counts + jnp.sum(hits, axis=0, dtype=jnp.int32)
+            item = (step * n_dev + dev) * per_step + jnp.arange(per_step)
+            live = item < total
+            row = jnp.where(live, item // per_row, 0)
+            within = item % per_row
+            stream = jnp.sum(within[:, None] >= starts[None, 1:], axis=1)
+            j = within - starts[stream]
+            ckeys = jax.vmap(lambda r, s, c: chunk_key(keys[r, s], c))(row, stream, j)
+            batch = noisy_chunks(ckeys, xs[row], family)
+            index = j[:, None] * CHUNK + jnp.arange(CHUNK)[None, :]
+            # Rows past n (surplus of a stream's last chunk) and idle items count for nothing.
+            valid = (index < ns[stream][:, None]) & live[:, None]
+            hits = votes(logits_fn(batch), num_classes).reshape(per_step, CHUNK, num_classes + 1)
+            per_item = jnp.sum(hits & valid[:, :, None], axis=1, dtype=jnp.int32)
+            return counts.at[row, stream].add(per_item)
 
         # The counts differ between devices until the psum: mark the carry as varying.
-        init = lax.pcast(jnp.zeros((num_classes + 1,), jnp.int32), (_AXIS,), to="varying")
-        counts = lax.fori_loop(0, steps, body, init)
-        return lax.psum(counts, _AXIS)
+        shape = (*keys.shape, num_classes + 1)
+        init = lax.pcast(jnp.zeros(shape, jnp.int32), (_AXIS,), to="varying")
+        return lax.psum(lax.fori_loop(0, steps, body, init), _AXIS)
 
     spec = P()
-    return jax.shard_map(local, mesh=mesh, in_specs=(spec,) * 6, out_specs=spec)(
-        key, x, family, n, steps, arrays
-    )
+    rows, ns = jnp.asarray(rows, jnp.int32), jnp.asarray(ns, jnp.int32)
+    return jax.shard_map(local, mesh=mesh, in_specs=(spec,) * 6, out_specs=spec)(keys, xs, rows, ns, family, arrays)
+
+
+#: Most rows in one compiled call of :meth:`Counter.rows` (groups are padded to a power of two
+#: up to this, so a dataset compiles at most log2(GROUP) + 1 programs per classifier).
+GROUP = 64
+
+
+def group_size(rows: int, per_row_chunks: int, limit: int | None = None) -> int:
+    """Rows per compiled call: the power of two >= ``rows``, at most ``limit`` (default :data:`GROUP`).
+
+    Also at most what keeps the group's work items (``rows * per_row_chunks``)
+    within int32, the loop's index type.
+
+    Example:
+      >>> group_size(1, 202), group_size(5, 202), group_size(360, 202)
+      (1, 8, 64)
+    """
+    limit = GROUP if limit is None else limit
+    cap = max(1, min(limit, (2**31 - 1 - CHUNK * 2**16) // max(per_row_chunks, 1)))
+    want = 1 << max(rows - 1, 0).bit_length()
+    return max(1, min(want, 1 << (cap.bit_length() - 1)))
 
 
 class Counter(NamedTuple):
-    """A compiled counter for one (classifier, n, batch, input shape): call ``(key, x, family)``."""
+    """A compiled counter for one (classifier, sample counts, batch, input shape).
+
+    Attributes:
+      model: the classifier.
+      ns: samples of each stream (e.g. ``(n0, n)``: certify's selection and
+        estimation samples).
+      per_step: chunks per device per step.
+      mesh: the one-axis mesh the chunks are spread over.
+      num_classes: the classifier's number of classes.
+    """
 
     model: Classifier
-    n: int
+    ns: tuple
     per_step: int
     mesh: Any
     num_classes: int
 
     def __call__(self, key, x, family) -> jax.Array:
-        """int32 ``(num_classes + 1,)`` votes on the device (last: non-finite logits)."""
-        return _count(key, x, family, np.int32(self.n), self.model.arrays, static=self.model.static,
-                      per_step=self.per_step, mesh=self.mesh, num_classes=self.num_classes)
+        """int32 ``(num_classes + 1,)`` votes of the first stream of one input, on the device."""
+        keys, ns = _two_streams(jnp.asarray(key)[None, None], self.ns[:1])
+        return _count(keys, x[None], np.int32(1), ns, family, self.model.arrays, static=self.model.static,
+                      per_step=self.per_step, mesh=self.mesh, num_classes=self.num_classes)[0, 0]
+
+    def rows(self, keys: jax.Array, xs, family, *, group: int | None = None) -> np.ndarray:
+        """Votes of every row and stream, on the host: int64 ``(rows, S, num_classes + 1)``.
+
+        Args:
+          keys: PRNG keys ``(rows, S)``; ``keys[r, s]`` draws stream ``s`` of row ``r``.
+          xs: inputs ``(rows, *input_shape)`` (numpy or jax).
+          family: the noise family.
+          group: rows per compiled call (default :func:`group_size`).
+
+        Rows go through the compiled loop ``group`` at a time (the last group
+        padded with idle rows that cost nothing but their transfer); every call
+        is dispatched before any result is read, so the host never waits between
+        groups, and one transfer brings all the counts back.
+        """
+        total = int(xs.shape[0])
+        per_row = sum(-(-n // CHUNK) for n in self.ns)
+        size = group_size(total, per_row) if group is None else int(group)
+        streams = len(self.ns)
+        keys, ns = _two_streams(keys, self.ns)
+        padded = -(-total // size) * size
+        if padded != total:  # idle rows repeat the last one: never counted (rows is traced)
+            fill = np.full(padded - total, total - 1)
+            keys = keys[np.concatenate([np.arange(total), fill])]
+            xs = xs[np.concatenate([np.arange(total), fill])]
+        out = [
+            _count(keys[g:g + size], xs[g:g + size], np.int32(min(size, total - g)), ns, family, self.model.arrays,
+                   static=self.model.static, per_step=self.per_step, mesh=self.mesh, num_classes=self.num_classes)
+            for g in range(0, padded, size)
+        ]
+        return np.concatenate([np.asarray(c, np.int64) for c in jax.device_get(out)])[:total, :streams]
 
 
-def counter(model: Classifier, n: int, batch_size: int, input_shape, dtype) -> Counter:
-    """A :class:`Counter` for ``n`` samples, after checking the classifier on an abstract batch."""
+def _two_streams(keys: jax.Array, ns: tuple) -> tuple[jax.Array, np.ndarray]:
+    """Pads one stream to two with an empty one (no chunks, no work): ``predict``, ``certify`` and
+    ``class_counts`` with the same step shape then share one compiled program."""
+    if len(ns) >= 2:
+        return keys, np.asarray(ns, np.int32)
+    return jnp.concatenate([keys, keys], axis=1), np.asarray((*ns, 0), np.int32)
+
+
+def counter(model: Classifier, n, batch_size: int, input_shape, dtype) -> Counter:
+    """A :class:`Counter` for ``n`` samples (an int, or a tuple of one count per stream).
+
+    ``per_step`` depends on what ONE row needs (all its streams together), never
+    on how many rows share a call: a row's forward batches have the same shape
+    alone or in a group, so its counts are the same bit for bit.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from soapbubble import noise
+      >>> f = lambda b: jnp.stack([-b[:, 0], b[:, 0]], axis=-1)
+      >>> c = counter(as_classifier(f), (100, 1000), 1000, (3,), jnp.float32)
+      >>> keys = jax.random.split(jax.random.key(0), 6).reshape(3, 2)   # 3 rows, 2 streams
+      >>> c.rows(keys, jnp.zeros((3, 3)), noise.Gaussian(1.0)).sum(axis=-1).tolist()
+      [[100, 1000], [100, 1000], [100, 1000]]
+    """
+    ns = (int(n),) if np.ndim(n) == 0 else tuple(int(v) for v in n)
     mesh = local_mesh()
-    steps = per_step(n, batch_size, mesh.size)
+    steps = per_step(sum(-(-v // CHUNK) for v in ns) * CHUNK, batch_size, mesh.size)
     classes = num_classes(model, steps * CHUNK, tuple(input_shape), dtype)
-    return Counter(model, n, steps, mesh, classes)
+    return Counter(model, ns, steps, mesh, classes)
 
 
 def class_counts(key, logits_fn, x, family, *, n: int, batch_size: int = 1000) -> jax.Array:

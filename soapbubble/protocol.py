@@ -53,7 +53,8 @@ estimation samples (class ``A`` chosen on the ``n0`` separate ones):
 
 :meth:`soapbubble.bounds.WorstCase.bilateral_budget` decides this split; the
 certificate abstains unless ``pA_lower >= 1/2`` or ``pA_lower > p_upper``.
-The sequential route (:mod:`soapbubble.sequential`) has no bilateral mode yet.
+The sequential route (:mod:`soapbubble.sequential`) certifies bilaterally the same way, with
+confidence sequences in place of Clopper-Pearson bounds.
 
 Example:
   >>> import jax, jax.numpy as jnp
@@ -77,7 +78,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import scipy.stats
-from jax import lax
 
 from soapbubble import _validation as check
 from soapbubble import counting
@@ -201,31 +201,54 @@ def refuse_nonfinite(bad: np.ndarray, total: int) -> None:
 
 
 @jax.jit
-def _select(votes0, votes):
-    """Cohen's selection: the top class of the n0 counts, and its count among the n samples."""
-    top = jnp.argmax(votes0[:-1]).astype(jnp.int32)
-    return top, votes[top], votes0[-1] + votes[-1]
+def _stream_keys(key, ids):
+    """``split(fold_in(key, i))`` of each row id ``i``: ``(rows, 2)`` keys (selection, estimation)."""
+    return jax.vmap(lambda i: jax.random.split(jax.random.fold_in(key, i)))(ids)
 
 
-@jax.jit
-def _select_bilateral(votes0, votes):
-    """:func:`_select` and the largest count among the n samples of any class but the selected one."""
-    top = jnp.argmax(votes0[:-1]).astype(jnp.int32)
-    others = votes[:-1].at[top].set(-1)
-    return top, votes[top], votes0[-1] + votes[-1], jnp.max(others)
+def check_row_ids(row_ids: Any, rows: int, batched: bool) -> np.ndarray:
+    """The ids whose ``fold_in`` keys the rows draw with: ``row_ids`` checked, or ``0 .. rows - 1``."""
+    if row_ids is None:
+        return np.arange(rows, dtype=np.uint32)
+    if not batched:
+        raise ValueError("row_ids needs batched=True (one input draws with the key itself)")
+    ids = np.asarray(row_ids)
+    if ids.shape != (rows,) or not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"row_ids must be {rows} integers (one per row of x), got {ids.dtype} of shape {ids.shape}")
+    if np.any(ids < 0) or np.any(ids > np.iinfo(np.uint32).max):
+        raise ValueError("row_ids must be in [0, 2**32 - 1]")
+    return ids.astype(np.uint32)
 
 
-def _add_up(p: np.ndarray, tv: float) -> np.ndarray:
-    """``min(p + tv, 1)`` rounded up (a total-variation charge on an upper bound)."""
-    p = np.asarray(p, np.float64)
-    if tv == 0.0:
-        return p
-    return np.minimum(np.nextafter(p + tv, 2.0), 1.0)
+def stream_keys(key, rows: int, batched: bool, row_ids: Any = None) -> jax.Array:
+    """``(rows, 2)`` keys of each row's ``n0`` and ``n`` samples: ``split(fold_in(key, id))``, or
+    ``split(key)`` for one input."""
+    if not batched:
+        return jax.random.split(key)[None]
+    return _stream_keys(key, jnp.asarray(check_row_ids(row_ids, rows, batched)))
 
 
-def _one_minus_up(p: np.ndarray) -> np.ndarray:
-    """``1 - p`` rounded up (one ulp above the correctly rounded difference), capped at 1."""
-    return np.minimum(np.nextafter(1.0 - np.asarray(p, np.float64), 2.0), 1.0)
+def select(votes0: np.ndarray, votes: np.ndarray, bilateral: bool = False) -> tuple[np.ndarray, ...]:
+    """Cohen's selection, on the host for every row at once.
+
+    Args:
+      votes0: ``(rows, C + 1)`` counts of the ``n0`` selection samples (last: non-finite logits).
+      votes: ``(rows, C + 1)`` counts of the ``n`` estimation samples.
+      bilateral: also return the largest count of any other class among the ``n`` samples.
+
+    Returns:
+      int64 arrays ``(top, count, bad)`` (and ``max_other``): the top class of the
+      ``n0`` counts (the first on ties), its count among the ``n`` samples, and the
+      non-finite samples of both.
+    """
+    rows = np.arange(votes.shape[0])
+    top = np.argmax(votes0[:, :-1], axis=1)
+    out = (top, votes[rows, top], votes0[:, -1] + votes[:, -1])
+    if not bilateral:
+        return tuple(np.asarray(a, np.int64) for a in out)
+    others = votes[:, :-1].copy()
+    others[rows, top] = -1
+    return tuple(np.asarray(a, np.int64) for a in (*out, others.max(axis=1)))
 
 
 def bilateral_bounds(counts: np.ndarray, max_other: np.ndarray, n: int, budget: BilateralBudget,
@@ -241,11 +264,28 @@ def bilateral_bounds(counts: np.ndarray, max_other: np.ndarray, n: int, budget: 
         added to ``p_upper``).
     """
     p_lower = confidence.subtract_down(confidence.clopper_pearson_lower_exact(counts, n, budget.alpha_a), sampler_tv)
-    cap = _one_minus_up(p_lower)  # every other class has pB <= 1 - pA <= 1 - p_lower
+    cap = confidence.one_minus_up(p_lower)  # every other class has pB <= 1 - pA <= 1 - p_lower
     if budget.num_classes == 2:
         return p_lower, cap
-    p_b = _add_up(confidence.clopper_pearson_upper_exact(max_other, n, budget.alpha_b), sampler_tv)
+    p_b = confidence.add_up(confidence.clopper_pearson_upper_exact(max_other, n, budget.alpha_b), sampler_tv)
     return p_lower, np.minimum(p_b, cap)
+
+
+def bilateral_certificate(table, p_lower: np.ndarray, p_upper: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Whether bilateral bounds certify, and the radius (module docstring): the one rule.
+
+    An input is certified when ``p_lower >= 1/2`` or ``p_lower > p_upper``; its radius
+    is the larger of the unilateral ``table.radius(p_lower)`` and
+    ``table.bilateral_radius(p_lower, p_upper)`` (both valid on the same event), 0 when
+    it abstains. :func:`certify` and the sequential route both ask this.
+
+    Returns:
+      ``(certified, radius)``: bool and float64 arrays of ``p_lower``'s shape.
+    """
+    p_lower, p_upper = np.asarray(p_lower, np.float64), np.asarray(p_upper, np.float64)
+    certified = (p_lower >= 0.5) | (p_lower > p_upper)
+    best = np.maximum(table.radius(p_lower), table.bilateral_radius(p_lower, p_upper))
+    return certified, np.where(certified, best, 0.0).astype(np.float64)
 
 
 def certify(
@@ -263,6 +303,7 @@ def certify(
     table_dir: str | os.PathLike | None = None,
     batched: bool = False,
     bilateral: bool = False,
+    row_ids=None,
 ) -> Certificate:
     """Cohen et al.'s CERTIFY for the classifier smoothed by ``family``.
 
@@ -300,7 +341,15 @@ def certify(
         ``alpha_d = alpha / 2``) and cached in ``table_dir``.
       table_dir: cache directory (default ``$SOAPBUBBLE_CACHE/tables``).
       batched: whether ``x`` holds many inputs along axis 0 (a bool); row ``i``
-        is certified with the key ``jax.random.fold_in(key, i)``.
+        is certified with the key ``jax.random.fold_in(key, i)``. The rows go
+        through the compiled loop in groups (up to 64 per call, their samples
+        sharing forward batches; :meth:`~soapbubble.counting.Counter.rows`), with
+        certificates equal bit for bit to one call per row: pass many small
+        inputs at once rather than one at a time.
+      row_ids: with ``batched=True``, optional ``(rows,)`` integers in
+        ``[0, 2**32)``: row ``i`` is certified with ``fold_in(key, row_ids[i])``
+        instead of ``fold_in(key, i)`` (a dataset's row indices, so any group of
+        rows gives each row the certificate it gets alone).
       bilateral: certify with the bilateral condition (a bool). The table must
         keep the V grid (``radius_table(..., bilateral=True)``); the default one
         is :func:`~soapbubble.bounds.cache.cached_radius_table` with ``bilateral=True`` (built once: instant for Gaussian,
@@ -329,29 +378,22 @@ def certify(
     n0 = check.count(n0, "n0")
     n = check.count(n, "n")
     bilateral = check.flag(bilateral, "bilateral")
+    batched = check.flag(batched, "batched")
+    check_row_ids(row_ids, np.shape(x)[0] if batched and np.ndim(x) else 1, batched)  # before the table
     s = setup(key, logits_fn, x, family, attack=attack, alpha=alpha, table=table, table_dir=table_dir,
               batched=batched, batch_size=batch_size, bilateral=bilateral)
-    count0 = counting.counter(s.model, n0, batch_size, s.input_shape, s.xs.dtype)
-    count = counting.counter(s.model, n, batch_size, s.input_shape, s.xs.dtype)
-
-    keys = row_keys(s.key, s.xs.shape[0], batched)
-    select = _select_bilateral if bilateral else _select
-    out, num_classes = [], None
-    for i in range(s.xs.shape[0]):  # one input at a time: memory stays bounded by batch_size
-        k_select, k_estimate = jax.random.split(keys[i])
-        votes = count(k_estimate, s.xs[i], s.family)
-        num_classes = votes.shape[-1] - 1
-        out.append(select(count0(k_select, s.xs[i], s.family), votes))
-    tops, counts, bad, *rest = (np.asarray(a, dtype=np.int64) for a in zip(*jax.device_get(out)))
+    count = counting.counter(s.model, (n0, n), batch_size, s.input_shape, s.xs.dtype)
+    keys = stream_keys(s.key, s.xs.shape[0], batched, row_ids)
+    votes = count.rows(keys, s.xs, s.family)  # (rows, 2, C + 1)
+    num_classes = count.num_classes
+    tops, counts, bad, *rest = select(votes[:, 0], votes[:, 1], bilateral)
     refuse_nonfinite(bad, n0 + n)
     alpha_p, alpha_d = s.budget.alpha_p, s.budget.alpha_d
     p_upper = split = None
     if bilateral:
         budget = s.rule.bilateral_budget(s.budget.alpha, num_classes, s.budget.alpha_d)
         p_lower, p_upper = bilateral_bounds(counts, rest[0], n, budget, s.sampler_tv)
-        certified = (p_lower >= 0.5) | (p_lower > p_upper)
-        best = np.maximum(s.table.radius(p_lower), s.table.bilateral_radius(p_lower, p_upper))
-        radius = np.where(certified, best, 0.0).astype(np.float64)
+        certified, radius = bilateral_certificate(s.table, p_lower, p_upper)
         split = budget.as_dict()["bilateral"]
     else:
         p_lower = confidence.subtract_down(confidence.clopper_pearson_lower_exact(counts, n, alpha_p), s.sampler_tv)
@@ -365,10 +407,16 @@ def certify(
                        alpha_p, alpha_d, None if p_upper is None else np.float64(p_upper[0]), split)
 
 
-@jax.jit
-def _top_two(votes):
-    values, classes = lax.top_k(votes[:-1], 2)
-    return classes[0].astype(jnp.int32), values[0], values[1], votes[-1]
+def top_two(votes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``(top, n_a, n_b, bad)`` of ``(rows, C + 1)`` votes on the host: the top class (the first on
+    ties), the two largest counts, and the non-finite samples."""
+    counts = votes[:, :-1]
+    rows = np.arange(counts.shape[0])
+    top = np.argmax(counts, axis=1)
+    n_a = counts[rows, top]
+    rest = counts.copy()
+    rest[rows, top] = -1
+    return top, n_a, rest.max(axis=1), votes[:, -1]
 
 
 def binomial_pvalue(n_a: np.ndarray, n_ab: np.ndarray) -> np.ndarray:
@@ -426,11 +474,9 @@ def predict(
     xs, input_shape = check.inputs(x, batched)
     family.check_dimension(math.prod(input_shape))
     count = counting.counter(model, n, batch_size, input_shape, xs.dtype)
-
     rows = xs if batched else xs[None]
-    keys = row_keys(key, rows.shape[0], batched)
-    out = [_top_two(count(keys[i], rows[i], family)) for i in range(rows.shape[0])]
-    top, n_a, n_b, bad = (np.asarray(a, dtype=np.int64) for a in zip(*jax.device_get(out)))
+    votes = count.rows(row_keys(key, rows.shape[0], batched)[:, None], rows, family)[:, 0]
+    top, n_a, n_b, bad = (np.asarray(a, dtype=np.int64) for a in top_two(votes))
     refuse_nonfinite(bad, n)
     pvalue = binomial_pvalue(n_a, n_a + n_b)
     prediction = np.where(pvalue <= alpha, top, -1).astype(np.int32)

@@ -309,6 +309,35 @@ def test_batched_rows_use_fold_in_keys(gaussian_table):
         assert (one.alpha_p, one.alpha_d) == (many.alpha_p, many.alpha_d) == (0.001, 0.0)
 
 
+def test_grouped_equals_per_row_bit_for_bit(gaussian_table, monkeypatch):
+    """Rows sharing compiled calls (groups of 2 here: 3 calls, the last one padded) and forward
+    batches give each row exactly its per-row certificate, and a second batch compiles nothing."""
+    monkeypatch.setattr(counting, "GROUP", 2)
+    x = np.stack([at_distance(s, seed=i) for i, s in enumerate((0.2, -0.3, 0.05, 0.0, 0.6))])
+    family = noise.Gaussian(SIGMA)
+    kw = dict(n0=120, n=1_234, batch_size=BATCH, table=gaussian_table)
+    many = certify(KEY, linear16, x, family, batched=True, **kw)
+    for i in range(len(x)):
+        one = certify(jax.random.fold_in(KEY, i), linear16, x[i], family, **kw)
+        assert tuple(np.asarray(v).item() for v in one[:5]) == tuple(v[i].item() for v in many[:5])
+    traces, programs = len(TRACES), counting._count._cache_size()
+    again = certify(jax.random.key(9), linear16, x[::-1] * 0.5, family, batched=True, **kw)
+    assert len(TRACES) == traces and counting._count._cache_size() == programs
+    assert again.count.shape == (5,)
+    # A dataset's row indices: any group gives each row the certificate it gets alone.
+    ids = certify(KEY, linear16, x[[3, 1]], family, batched=True, row_ids=np.array([3, 1]), **kw)
+    assert ids.count.tolist() == many.count[[3, 1]].tolist()
+    assert ids.p_lower.tolist() == many.p_lower[[3, 1]].tolist()
+    with pytest.raises(ValueError, match="row_ids must be 2 integers"):
+        certify(KEY, linear16, x[:2], family, batched=True, row_ids=[1], **kw)
+    with pytest.raises(ValueError, match="row_ids needs batched=True"):
+        certify(KEY, linear16, x[0], family, row_ids=[0], **kw)
+    # predict groups its rows the same way.
+    rows = predict(KEY, three_way, x, family, n=700, batch_size=BATCH, batched=True)
+    assert rows.tolist() == [predict(jax.random.fold_in(KEY, i), three_way, x[i], family, n=700, batch_size=BATCH)
+                             for i in range(len(x))]
+
+
 def test_identical_across_batch_sizes(gaussian_table):
     """Noise for sample i does not depend on batching; n not a multiple of anything."""
     x = np.stack([at_distance(0.1), at_distance(-0.05, seed=3)])

@@ -60,6 +60,8 @@ __all__ = [
     "mixture_lower",
     "mixture_upper",
     "subtract_down",
+    "add_up",
+    "one_minus_up",
 ]
 
 #: Relative margin on alpha when a binomial tail is checked (covers its float64 error).
@@ -232,8 +234,7 @@ def mixture_lower(count: Any, n: Any, alpha: float, prior: tuple[float, float] =
 def mixture_upper(count: Any, n: Any, alpha: float, prior: tuple[float, float] = MIXTURE_PRIOR) -> np.ndarray:
     """The upper end of the mixture confidence sequence (the lower end of the failures', reflected)."""
     c, t = _counts(count, n)
-    low = mixture_lower(t - c, t, alpha, prior[::-1])
-    return np.minimum(np.nextafter(1.0 - low, 2.0), 1.0)
+    return one_minus_up(mixture_lower(t - c, t, alpha, prior[::-1]))
 
 
 def subtract_down(p: Any, tv: float) -> np.ndarray:
@@ -242,3 +243,16 @@ def subtract_down(p: Any, tv: float) -> np.ndarray:
     if tv == 0.0:
         return p
     return np.maximum(np.nextafter(p - tv, -1.0), 0.0)
+
+
+def add_up(p: Any, tv: float) -> np.ndarray:
+    """``min(p + tv, 1)`` rounded up (a total-variation charge on an upper bound)."""
+    p = np.asarray(p, np.float64)
+    if tv == 0.0:
+        return p
+    return np.minimum(np.nextafter(p + tv, 2.0), 1.0)
+
+
+def one_minus_up(p: Any) -> np.ndarray:
+    """``1 - p`` rounded up (one ulp above the correctly rounded difference), capped at 1."""
+    return np.minimum(np.nextafter(1.0 - np.asarray(p, np.float64), 2.0), 1.0)
