@@ -26,7 +26,10 @@ Two curves, as in Cohen et al.'s ``analyze.py``:
 The alphas come from the TSV's JSON sidecar ``<file>.json`` when it records
 ``parameters["alpha_budget"] = {"alpha": total, "alpha_p": ..., "alpha_d": ...}``
 (soapbubble's runner writes it); for files without one (Cohen et al.'s), the
-caller's ``alpha`` is taken as ``alpha_p`` with ``alpha_d = 0``.
+caller's ``alpha`` is taken as ``alpha_p`` with ``alpha_d = 0``. A bilateral run
+(``soapbubble certify --bilateral``) records its split of ``alpha_p`` there too
+(``alpha_budget["bilateral"]``); each of its certificates is still wrong with
+probability at most ``alpha_p``, so the same bound applies.
 
 Note: Cohen et al.'s ``certify.py`` writes radii with ``{:.3}``, which rounds to
 nearest (up to half a unit of the third digit above the true radius); soapbubble
@@ -92,6 +95,8 @@ class Results:
       attack: ``"l2"`` or ``"linf"``, the sidecar's ``parameters["attack"]`` (None when unknown).
       target_radii: the radii a sequential run decided (``parameters["radii"]``; its
         ``radius`` column is the largest certified one), None for fixed-n runs.
+      bilateral: a bilateral run's split of ``alpha_p`` (``alpha_budget["bilateral"]``:
+        ``alpha_a``, ``alpha_b``, ``num_classes``, ``construction``), None otherwise.
     """
 
     name: str
@@ -104,6 +109,7 @@ class Results:
     alpha_d: float | None = None
     attack: str | None = None
     target_radii: tuple[float, ...] | None = None
+    bilateral: dict | None = None
 
     def __len__(self) -> int:
         return int(self.idx.size)
@@ -113,11 +119,25 @@ def _is_number(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def _read_sidecar(path: pathlib.Path) -> tuple[float | None, float | None, str | None, tuple | None]:
-    """``(alpha_p, alpha_d, attack, target radii)`` from ``<path>.json`` when it exists (None for what it lacks)."""
+def _check_split(where: str, split, alpha_p: float) -> dict:
+    """A bilateral split as recorded: its shares add up to at most ``alpha_p``."""
+    keys = ("alpha_a", "alpha_b", "num_classes")
+    if not isinstance(split, dict) or not all(k in split for k in keys):
+        raise ValueError(f"{where}: alpha_budget.bilateral must be an object with {', '.join(keys)}, got {split!r}")
+    a, b, c = (split[k] for k in keys)
+    if not (_is_number(a) and _is_number(b) and isinstance(c, int) and not isinstance(c, bool) and c >= 2
+            and a > 0 and b >= 0 and a + (c - 1) * b <= alpha_p * (1 + 1e-12)):
+        raise ValueError(f"{where}: alpha_budget.bilateral must have alpha_a > 0, alpha_b >= 0, num_classes >= 2"
+                         f" and alpha_a + (num_classes - 1) alpha_b <= alpha_p = {alpha_p}, got {split!r}")
+    return dict(split)
+
+
+def _read_sidecar(path: pathlib.Path) -> tuple[float | None, float | None, str | None, tuple | None, dict | None]:
+    """``(alpha_p, alpha_d, attack, target radii, bilateral split)`` from ``<path>.json`` when it exists
+    (None for what it lacks)."""
     side = path.with_name(path.name + ".json")
     if not side.is_file():
-        return None, None, None, None
+        return None, None, None, None, None
     where = f"sidecar {os.fspath(side)!r}"
     try:
         meta = json.loads(side.read_text())
@@ -128,7 +148,7 @@ def _read_sidecar(path: pathlib.Path) -> tuple[float | None, float | None, str |
     params = meta.get("parameters", {})
     if not isinstance(params, dict):
         raise ValueError(f"{where}: 'parameters' must be a JSON object, got {type(params).__name__}")
-    alpha_p = alpha_d = None
+    alpha_p = alpha_d = split = None
     budget = params.get("alpha_budget")
     if budget is not None:
         if not isinstance(budget, dict) or "alpha_p" not in budget or "alpha_d" not in budget:
@@ -139,6 +159,8 @@ def _read_sidecar(path: pathlib.Path) -> tuple[float | None, float | None, str |
         if not _is_number(alpha_d) or not 0 <= alpha_d < 1:
             raise ValueError(f"{where}: alpha_budget.alpha_d must be a number in [0, 1), got {alpha_d!r}")
         alpha_p, alpha_d = float(alpha_p), float(alpha_d)
+        if "bilateral" in budget:
+            split = _check_split(where, budget["bilateral"], alpha_p)
     attack = params.get("attack")
     if attack is not None and attack not in ATTACKS:
         raise ValueError(f"{where}: 'attack' must be one of {', '.join(ATTACKS)}, got {attack!r}")
@@ -147,7 +169,7 @@ def _read_sidecar(path: pathlib.Path) -> tuple[float | None, float | None, str |
         if not isinstance(radii, list) or not all(_is_number(r) and 0 <= r < math.inf for r in radii):
             raise ValueError(f"{where}: 'radii' must be a list of finite numbers >= 0, got {radii!r}")
         radii = tuple(float(r) for r in radii)
-    return alpha_p, alpha_d, attack, radii
+    return alpha_p, alpha_d, attack, radii, split
 
 
 def read_results(path: str | os.PathLike, name: str | None = None) -> Results:
@@ -191,10 +213,11 @@ def read_results(path: str | os.PathLike, name: str | None = None) -> Results:
         except ValueError as e:
             raise ValueError(f"{os.fspath(path)!r} line {line_no} is malformed ({e}): {line!r}") from None
     arrays = {c: np.asarray(v, dtype=np.float64 if c == "radius" else np.int64) for c, v in cols.items()}
-    alpha_p, alpha_d, attack, target_radii = _read_sidecar(path)
+    alpha_p, alpha_d, attack, target_radii, split = _read_sidecar(path)
     if name is None:
         name = path.name[: -len(".tsv")] if path.name.endswith(".tsv") and path.name != ".tsv" else path.name
-    return Results(name=name, **arrays, alpha_p=alpha_p, alpha_d=alpha_d, attack=attack, target_radii=target_radii)
+    return Results(name=name, **arrays, alpha_p=alpha_p, alpha_d=alpha_d, attack=attack, target_radii=target_radii,
+                   bilateral=split)
 
 
 def approximate_certified_accuracy(results: Results, radii: np.ndarray) -> np.ndarray:

@@ -3,8 +3,8 @@
 Commands::
 
   demo      the main job: train or load the default model, certify the embedded
-            digits test set with Gaussian, l2-family and mixed l_inf noise, write
-            TSVs, a JSON summary, tables and plots.
+            digits test set with Gaussian, l2-family and mixed l_inf noise
+            (unilateral and bilateral), write TSVs, a JSON summary, tables and plots.
   certify   certify a dataset with a model (Cohen et al.'s protocol), resumable;
             one process's share of the rows under jax.distributed.
   merge     join the parts of a multi-process certify run into one TSV.
@@ -36,7 +36,7 @@ def _demo(args) -> int:
 
     out = args.out or os.path.join("soapbubble-out", "demo-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
     config = main_job.DemoConfig(n=args.n, n0=args.n0, alpha=args.alpha, batch_size=args.batch,
-                                 seed=args.seed, max_images=args.max)
+                                 seed=args.seed, max_images=args.max, bilateral=args.bilateral)
     print(f"soapbubble demo: output folder {out}")
     main_job.run_demo(out, config, progress=not args.quiet)
     return 0
@@ -100,10 +100,11 @@ def _certify(args) -> int:
     process_index, process_count = _processes(args)  # first: jax.distributed must start before any computation
 
     import jax
+    import numpy as np
     from tqdm.auto import tqdm
 
     import soapbubble
-    from soapbubble import data, main_job, merge, models, runner
+    from soapbubble import counting, data, main_job, merge, models, runner
 
     dataset = data.load(args.dataset, args.split, data_dir=args.data_dir)
     if args.model is None:
@@ -121,32 +122,51 @@ def _certify(args) -> int:
         logits_fn = models.load(model_path)
     d = math.prod(dataset.image_shape)
     family = _family(args, d)
-    budget = soapbubble.worst_case(family, args.attack).alpha_budget(args.alpha)
-    table = soapbubble.cached_radius_table(family, d, args.attack, alpha_d=budget.alpha_d, table_dir=args.table_dir)
+    rule = soapbubble.worst_case(family, args.attack)
+    bilateral = args.bilateral
+    if bilateral:
+        # The split depends on the number of classes: the model's, read without computing anything.
+        from soapbubble import sequential
+
+        classes = counting.num_classes(counting.as_classifier(logits_fn), counting.CHUNK, dataset.image_shape,
+                                       np.float32)
+        budget = rule.bilateral_budget(args.alpha, classes)
+        recorded = budget.as_dict(sequential.BILATERAL_CONSTRUCTION) if args.radii is not None else budget.as_dict()
+    else:
+        budget = rule.alpha_budget(args.alpha)
+        recorded = budget.as_dict()
+    table = soapbubble.cached_radius_table(family, d, args.attack, alpha_d=budget.alpha_d, table_dir=args.table_dir,
+                                           bilateral=bilateral)
     key = jax.random.key(args.seed)
 
-    columns, group = (), 1
+    columns = ("p_lower", "p_upper") if bilateral else ()
     if args.radii is None:
-        def certify_row(idx, x):
-            cert = soapbubble.certify(jax.random.fold_in(key, idx), logits_fn, x, family, attack=args.attack,
-                                      n0=args.n0, n=args.n, alpha=args.alpha, batch_size=args.batch, table=table)
-            return int(cert.prediction), float(cert.radius)
+        # Rows in groups through one compiled loop (soapbubble.counting); row idx keeps key
+        # fold_in(key, idx), so each certificate is the one a call per row would give.
+        group = args.group or counting.GROUP
+
+        def certify_row(idxs, xs):
+            cert = soapbubble.certify(key, logits_fn, np.stack(xs), family, attack=args.attack, n0=args.n0, n=args.n,
+                                      alpha=args.alpha, batch_size=args.batch, table=table, bilateral=bilateral,
+                                      batched=True, row_ids=np.asarray(idxs))
+            return [(int(cert.prediction[i]), float(cert.radius[i]),
+                     *((_exact(cert.p_lower[i]), _exact(cert.p_upper[i])) if bilateral else ()))
+                    for i in range(len(idxs))]
     else:
         # The sequential route: rows in groups through one compiled pool; row idx keeps key
         # fold_in(key, idx) (the group's rows are certified with their own idx).
-        import numpy as np
-
         radii = np.asarray(args.radii)
-        columns, group = ("n_used", *(f"certified_{r:g}" for r in radii)), args.group
+        columns, group = ("n_used", *columns, *(f"certified_{r:g}" for r in radii)), args.group or 256
 
         def certify_row(idxs, xs):
             certs = [None] * len(idxs)
             out = soapbubble.certify_radii(key, logits_fn, np.stack(xs), family, radii, attack=args.attack,
                                            n0=args.n0, max_n=args.n, alpha=args.alpha, batch_size=args.batch,
-                                           table=table, row_ids=np.asarray(idxs))
+                                           table=table, row_ids=np.asarray(idxs), bilateral=bilateral)
             for i in range(len(idxs)):
                 best = radii[out.certified[i]].max(initial=0.0) if out.prediction[i] >= 0 else 0.0
-                certs[i] = (int(out.prediction[i]), float(best), int(out.n_used[i]),
+                bounds = (_exact(out.p_lower[i]), _exact(out.p_upper[i])) if bilateral else ()
+                certs[i] = (int(out.prediction[i]), float(best), int(out.n_used[i]), *bounds,
                             *(int(c) for c in out.certified[i]))
             return certs
 
@@ -154,8 +174,10 @@ def _certify(args) -> int:
         "dataset": args.dataset, "split": args.split, "model": os.fspath(model_path), "noise": family.describe(),
         "attack": args.attack, "n0": args.n0, "n": args.n, "alpha": args.alpha, "batch_size": args.batch,
         "seed": args.seed, "key": f"jax.random.fold_in(jax.random.key({args.seed}), idx)",
-        "table": table.identity(), "alpha_budget": budget.as_dict(), "soapbubble_version": soapbubble.__version__,
+        "table": table.identity(), "alpha_budget": recorded, "soapbubble_version": soapbubble.__version__,
     }
+    if bilateral:  # (absent from unilateral sidecars, which stay as they were: their runs still resume)
+        parameters["bilateral"] = True
     if args.radii is not None:
         parameters.update(route="sequential", radii=list(args.radii), max_n=parameters.pop("n"))
     total = len(dataset) if args.max is None else min(len(dataset), args.max)
@@ -173,6 +195,11 @@ def _certify(args) -> int:
     share = "" if process_count == 1 else f" (process {process_index} of {process_count})"
     print(f"soapbubble certify: {result.written} rows written to {os.fspath(out)}{resumed}{share}")
     return 0
+
+
+def _exact(p) -> str:
+    """A float64 bound as text that reads back to the same float (no rounding either way)."""
+    return repr(float(p))
 
 
 def _merge(args) -> int:
@@ -358,6 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="the main job on the embedded digits (offline, a few minutes)")
     demo.add_argument("--out", help="output folder (default soapbubble-out/demo-<date>-<time>)")
+    demo.add_argument("--no-bilateral", dest="bilateral", action="store_false",
+                      help="skip the bilateral runs (Appendix D) that the summary compares with the unilateral ones")
     _common_certify_args(demo, 10_000)
     demo.set_defaults(run=_demo)
 
@@ -381,8 +410,13 @@ def build_parser() -> argparse.ArgumentParser:
                       help="target radii, comma-separated: decide each sequentially with as few samples as"
                            " possible (--n is then the most an input may use); the TSV gets n_used and one"
                            " certified_<r> column per radius")
-    cert.add_argument("--group", type=_ranged(int, "--group", 1, 2**20), default=256,
-                      help="rows per compiled call with --radii (default 256)")
+    cert.add_argument("--group", type=_ranged(int, "--group", 1, 2**20), default=None,
+                      help="rows certified together, written when the group is done (default 64 with fixed n,"
+                           " 256 with --radii)")
+    cert.add_argument("--bilateral", action="store_true",
+                      help="the bilateral condition (Appendix D): pA bounded from below and every other class"
+                           " from above from the same samples, alpha_p split between them (recorded in the"
+                           " sidecar's alpha_budget); the TSV gets p_lower and p_upper (after n_used with --radii)")
     multi = cert.add_argument_group(
         "many processes", "certify this process's share of the rows (see soapbubble.merge); with P > 1 processes"
         " the output is <out>.part-<p>-of-<P>.tsv (5 digits each), joined by soapbubble merge")

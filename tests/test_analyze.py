@@ -159,6 +159,10 @@ def test_sidecar_alphas_drive_the_high_probability_column(tmp_path):
         ('{"parameters": {"alpha_budget": {"alpha_p": 0.001, "alpha_d": -1}}}', r"alpha_d must be a number in \[0, 1\)"),
         ('{"parameters": {"alpha_budget": {"alpha_p": 0.001}}}', "must be an object with 'alpha_p' and 'alpha_d'"),
         ('{"parameters": {"attack": "l1"}}', "'attack' must be one of l2, linf"),
+        ('{"parameters": {"alpha_budget": {"alpha_p": 0.001, "alpha_d": 0, "bilateral": {"alpha_a": 0.0005}}}}',
+         "alpha_budget.bilateral must be an object with alpha_a, alpha_b, num_classes"),
+        ('{"parameters": {"alpha_budget": {"alpha_p": 0.001, "alpha_d": 0, "bilateral": '
+         '{"alpha_a": 0.0005, "alpha_b": 0.0005, "num_classes": 3}}}}', r"alpha_a \+ \(num_classes - 1\) alpha_b"),
     ],
 )
 def test_malformed_sidecar_is_named(tmp_path, sidecar, message):
@@ -228,3 +232,17 @@ def test_names_and_radii_checks(tmp_path):
         path.write_text(f"idx\tlabel\tpredict\tradius\tcorrect\n0\t1\t1\t{bad}\t1\n")
         with pytest.raises(ValueError, match=r"line 2 is malformed \(radius must be a finite number >= 0"):
             analyze.read_results(path)
+
+
+def test_bilateral_sidecar_is_read(tmp_path):
+    """A bilateral run (certify --bilateral) records its split of alpha_p; analyze keeps alpha_p for the
+    dataset-level bound and exposes the split."""
+    from soapbubble import noise, worst_case
+
+    path = tmp_path / "bil.tsv"
+    path.write_text(OURS)
+    budget = worst_case(noise.Gaussian(0.25), "l2").bilateral_budget(0.001, 10).as_dict()
+    (tmp_path / "bil.tsv.json").write_text(json.dumps({"parameters": {"attack": "l2", "alpha_budget": budget}}))
+    res = analyze.read_results(path)
+    assert (res.alpha_p, res.alpha_d) == (0.001, 0.0)
+    assert res.bilateral == budget["bilateral"] and res.bilateral["num_classes"] == 10

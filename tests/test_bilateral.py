@@ -348,3 +348,152 @@ def test_two_classes_bilateral_is_unilateral():
     assert np.all(bil.p_upper >= 1 - bil.p_lower) and uni.p_upper is None and uni.bilateral is None
     one = soapbubble.certify(jax.random.key(4), f, x[1], noise.Gaussian(SIGMA), n=5000, table=table, bilateral=True)
     assert isinstance(one.p_upper, np.float64) and isinstance(one.radius, np.float64)  # single input: scalars
+
+
+# ------------------------------------------------------------------ the sequential route
+
+
+def _stop_bounds(key, f, x, family, n, split):
+    """Independent route: the bounds from the counts at the stop, counted again by class_counts with
+    the keys certify uses and bounded by the float64 mixture sequences (Gaussian: no TV charge)."""
+    from soapbubble import counting
+    from soapbubble.bounds import confidence
+
+    k_select, k_estimate = jax.random.split(key)
+    top = int(np.argmax(np.asarray(counting.class_counts(k_select, f, x, family, n=50, batch_size=200))))
+    votes = np.asarray(counting.class_counts(k_estimate, f, x, family, n=n, batch_size=200)).astype(np.int64)
+    low = float(confidence.mixture_lower(votes[top], n, split["alpha_a"]))
+    up = float(confidence.mixture_upper(np.delete(votes, top).max(), n, split["alpha_b"]))
+    return low, min(up, 1 - low)
+
+
+def test_sequential_bilateral_never_exceeds_the_exact_radius(cases):
+    """certify_radii(bilateral=True) on the three-class Gaussian case: the bounds cover the exact
+    probabilities and the certified radii stay below the closed form sigma/2 (Phi^-1(pA) - Phi^-1(pB))
+    (and the table at the exact probabilities) at rate alpha; at the stop the bounds are the float64
+    mixture bounds of the counts, counted again independently; the same rows for any pool size; new
+    radii and inputs compile nothing."""
+    from soapbubble import sequential
+
+    family, attack, f, base, probs, _, table = cases["gaussian"]
+    reps, alpha, max_n = 8, 0.1, 3000
+    radii = np.array([0.05, 0.15, 0.3, 0.45])
+    # Three more rows at pA ~ 0.70 with the rest split evenly (p0 = p2 ~ 0.15): bilateral radius ~0.37,
+    # beyond any unilateral certificate (sigma Phi^-1(0.70) ~ 0.26).
+    split_rest = np.zeros((3, D), np.float32)
+    split_rest[:, 0] = 0.26
+    xs = np.concatenate([np.repeat(base, reps, axis=0), split_rest])
+    exact = np.concatenate([np.repeat(probs, reps, axis=0), two_direction_gaussian(split_rest)])
+    key = jax.random.key(12)
+    kw = dict(attack=attack, n0=50, max_n=max_n, alpha=alpha, table=table, bilateral=True)
+    c = soapbubble.certify_radii(key, f, xs, family, radii, batch_size=200, **kw)
+    assert c.bilateral["num_classes"] == 3 and c.bilateral["alpha_a"] == c.alpha_p / 2 == alpha / 2
+    assert c.bilateral["alpha_b"] == pytest.approx(alpha / 4) and "mixture" in c.bilateral["construction"]
+    rows = np.arange(xs.shape[0])
+    top, pred = exact.argmax(axis=1), c.prediction
+    certified = pred >= 0
+    assert np.all(certified == ((c.p_lower >= 0.5) | (c.p_lower > c.p_upper)))
+    sel = np.where(certified, pred, top)
+    p_a = exact[rows, sel]
+    others = exact.copy()
+    others[rows, sel] = -1.0
+    p_b = others.max(axis=1)
+    covered = ~certified | ((c.p_lower <= p_a) & (c.p_upper >= p_b))
+    # The largest certified target radius against the closed form and the table at the exact values.
+    got = np.where(certified, np.max(np.where(c.certified, radii[None, :], 0.0), axis=1), 0.0)
+    closed = np.maximum(closed_bilateral(exact[rows, top], p_b, SIGMA), 0.0)
+    ref = np.maximum(table.radius(p_a), table.bilateral_radius(p_a, p_b))
+    ok = ~certified | ((pred == top) & (got <= ref + 1e-12) & (got <= closed + 1e-12))
+    assert np.all(ok[covered])  # deterministic given the bounds (monotone lookups)
+    limit = scipy.stats.binom.ppf(1 - 1e-4, rows.size, alpha)
+    assert np.sum(~covered) <= limit and np.sum(~ok) <= limit
+    assert np.mean(certified) > 0.5 and np.all(c.certified[-3:, 2])  # not vacuous; the bilateral gain
+    assert np.all(c.n_used <= max_n) and np.mean(c.n_used) < max_n / 2  # decided early, mostly
+    # Independent route at the stop (an abstention certified nothing: equality).
+    for i in (int(np.argmin(c.p_lower)), int(np.argmax(c.p_lower))):
+        low, up = _stop_bounds(jax.random.fold_in(key, i), f, xs[i], family, int(c.n_used[i]), c.bilateral)
+        assert c.p_lower[i] >= low and c.p_upper[i] <= up * (1 + 1e-12)
+        if pred[i] < 0:
+            assert c.p_lower[i] == pytest.approx(low, rel=1e-12) and c.p_upper[i] == pytest.approx(up, rel=1e-12)
+    # New inputs and radii values (as many; rows in the same bucket) compile nothing new.
+    programs = sequential._run._cache_size()
+    soapbubble.certify_radii(jax.random.key(13), f, xs[:130] + 0.01, family, radii * 0.9, batch_size=200, **kw)
+    assert sequential._run._cache_size() == programs
+    # Another pool size: the same rows, bit for bit.
+    other = soapbubble.certify_radii(key, f, xs, family, radii, batch_size=100, **kw)
+    for a, b in zip(c, other):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_sequential_bilateral_bounds_charge_the_sampler_tv():
+    """The host bounds: the best look, the cap pB <= 1 - pA, the TV charge on both sides, C = 2."""
+    from soapbubble.bounds import confidence
+    from soapbubble.sequential import bilateral_bounds
+
+    budget = worst_case(noise.Gaussian(SIGMA), "l2").bilateral_budget(0.01, 4)
+    count, other, n = np.array([700, 950, 700]), np.array([100, 50, 250]), np.array([1000, 1000, 1000])
+    dec = np.array([[0, 0], [0, 0], [600, 0]]), np.array([[0, 0], [0, 0], [50, 0]]), np.array([[0, 0], [0, 0], [700, 0]])
+    decided = dec[2] > 0
+    tv = 1e-4
+    lo, up = bilateral_bounds(count, other, n, *dec, decided, budget, tv)
+    a = confidence.mixture_lower(count, n, budget.alpha_a)
+    a[2] = max(a[2], confidence.mixture_lower(600, 700, budget.alpha_a))  # the better look
+    b = confidence.mixture_upper(other, n, budget.alpha_b)
+    b[2] = min(b[2], confidence.mixture_upper(50, 700, budget.alpha_b))
+    assert np.all(lo <= a - tv) and np.allclose(lo, a - tv, rtol=0, atol=1e-15)
+    assert np.all(up >= np.minimum(b + tv, 1 - lo)) and np.allclose(up, np.minimum(b + tv, 1 - lo), atol=1e-15)
+    assert up[1] == pytest.approx(1 - lo[1], rel=1e-12)  # only A and B seen, B at a smaller level: the cap binds
+    two = worst_case(noise.Gaussian(SIGMA), "l2").bilateral_budget(0.01, 2)
+    lo2, up2 = bilateral_bounds(count, other, n, *dec, decided, two, tv)
+    assert np.all(up2 >= 1 - lo2) and np.all(up2 <= np.nextafter(1 - lo2, 2))
+
+
+def test_sequential_bilateral_adaptive_radius(cases):
+    """certify_adaptive(bilateral=True): the better of the two radii at the final bounds, below the
+    closed form, beyond the unilateral radius where the rest is split."""
+    family, _, f, _, _, _, table = cases["gaussian"]
+    x = np.zeros((4, D), np.float32)
+    x[:, 0] = [0.26, 0.26, 0.5, 0.1]
+    x[:, 1] = [0.0, 0.0, 0.3, -0.1]
+    ad = soapbubble.certify_adaptive(jax.random.key(3), f, x, family, tol=0.05, n0=50, max_n=4000, alpha=0.02,
+                                     table=table, batch_size=200, bilateral=True)
+    exact = two_direction_gaussian(x)
+    pa, pb = exact.max(axis=1), np.sort(exact, axis=1)[:, -2]
+    assert np.all(ad.prediction == exact.argmax(axis=1)) and ad.bilateral["num_classes"] == 3
+    assert np.all(ad.radius <= closed_bilateral(pa, pb, SIGMA))
+    assert np.all(ad.radius == np.maximum(table.radius(ad.p_lower), table.bilateral_radius(ad.p_lower, ad.p_upper)))
+    assert np.all(ad.radius[:2] > 0.26)  # beyond the unilateral radius sigma Phi^-1(0.70)
+
+
+def test_sequential_bilateral_two_classes_and_refusals():
+    """C = 2: all of alpha_p on pA, p_upper = 1 - p_lower, sound; a table without V and a non-bool flag
+    are refused before any work."""
+    from soapbubble import sequential
+
+    f = lambda b: jnp.stack([-b[:, 0], b[:, 0]], -1)  # noqa: E731
+    x = np.zeros((4, D), np.float32)
+    x[:, 0] = [0.1, 0.3, 0.6, -0.4]
+    table = radius_table(None, noise.Gaussian(SIGMA), D, "l2", bilateral=True)
+    kw = dict(max_n=5000, alpha=0.001, table=table, batch_size=100)
+    radii = np.array([0.1, 0.25, 0.5])
+    bil = soapbubble.certify_radii(jax.random.key(4), f, x, noise.Gaussian(SIGMA), radii, bilateral=True, **kw)
+    assert bil.bilateral["alpha_a"] == 0.001 and bil.bilateral["alpha_b"] == 0.0
+    assert np.all(bil.p_upper >= 1 - bil.p_lower) and np.all(bil.p_upper <= np.nextafter(1 - bil.p_lower, 2))
+    assert bil.prediction.tolist() == [1, 1, 1, 0]
+    assert np.all(bil.certified <= (np.abs(x[:, :1]) >= radii[None, :]))  # the exact radius is |x0|
+    assert bil.certified[1:].sum() >= 4  # not vacuous
+    plain = radius_table(None, noise.Gaussian(SIGMA), D, "l2")
+
+    def boom(*args, **kwargs):
+        raise AssertionError("the loop started before the arguments were checked")
+
+    run = sequential._run
+    sequential._run = boom
+    try:
+        with pytest.raises(ValueError, match="bilateral V grid"):
+            soapbubble.certify_radii(jax.random.key(0), f, x, noise.Gaussian(SIGMA), radii, table=plain, bilateral=True)
+        with pytest.raises(TypeError, match="bilateral"):
+            soapbubble.certify_adaptive(jax.random.key(0), f, x, noise.Gaussian(SIGMA), tol=0.1, table=table,
+                                        bilateral="yes")
+    finally:
+        sequential._run = run

@@ -27,7 +27,8 @@ def cache(tmp_path_factory):
 
 def test_main_job_end_to_end_and_resume(cache, tmp_path, capsys):
     out = tmp_path / "demo"
-    argv = ["demo", "--out", str(out), "--max", "4", "--n", "400", "--n0", "20", "--batch", "200", "--quiet"]
+    argv = ["demo", "--out", str(out), "--max", "4", "--n", "400", "--n0", "20", "--batch", "200", "--quiet",
+            "--no-bilateral"]  # (the bilateral runs: test_main_job_bilateral_summary)
     assert cli.main(argv) == 0
     printed = capsys.readouterr().out
     assert "Certified accuracy, l2 attack" in printed and "Certified accuracy, l_inf attack" in printed
@@ -37,6 +38,7 @@ def test_main_job_end_to_end_and_resume(cache, tmp_path, capsys):
         assert [int(r[0]) for r in rows] == [0, 1, 2, 3]
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["certified_accuracy"]) == expected and summary["images"] == 4
+    assert "bilateral" not in summary and not list(out.glob("*_bilateral.tsv"))
     # The summary's numbers are those of the TSVs.
     res = analyze.read_results(out / "gaussian_l2.tsv")
     assert summary["certified_accuracy"]["gaussian_l2"]["0.25"] == pytest.approx(
@@ -61,6 +63,46 @@ def test_main_job_end_to_end_and_resume(cache, tmp_path, capsys):
     assert (out / "l2_l2.tsv").read_text() == before
 
 
+def test_main_job_bilateral_summary(cache, tmp_path, capsys, monkeypatch):
+    """The main job's comparison, unilateral against bilateral at its radii (the Gaussian runs only here,
+    for time: every family takes the same path), from resumable bilateral TSVs."""
+    from soapbubble import main_job
+
+    monkeypatch.setattr(main_job, "PLANS", {"gaussian": ("l2", "linf")})
+    out = tmp_path / "demo"
+    argv = ["demo", "--out", str(out), "--max", "4", "--n", "400", "--n0", "20", "--batch", "200", "--quiet"]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    expected = {"gaussian_l2", "gaussian_linf"}
+    # Unilateral against bilateral at the same radii, for each (family, attack), from bilateral TSVs.
+    bilateral = summary["bilateral"]
+    assert set(bilateral["certified_accuracy"]) == set(bilateral["alpha_budget"]) == expected
+    assert "unilateral against bilateral" in printed and "gaussian (linf), bilateral" in printed
+    for name in expected:
+        assert set(bilateral["certified_accuracy"][name]) == set(summary["certified_accuracy"][name])
+        path = out / bilateral["files"][name]
+        assert path.name == f"{name}_bilateral.tsv"
+        rows = runner.completed_rows(path)
+        assert [int(r[0]) for r in rows] == [0, 1, 2, 3]
+        res = analyze.read_results(path)
+        for radius, value in bilateral["certified_accuracy"][name].items():
+            assert value == pytest.approx(float(analyze.approximate_certified_accuracy(res, [float(radius)])[0]))
+        split = bilateral["alpha_budget"][name]
+        assert split == json.loads(runner.sidecar_path(path).read_text())["parameters"]["alpha_budget"]
+        assert split["bilateral"]["num_classes"] == 10 and split["alpha_p"] == summary["alpha_budget"][name]["alpha_p"]
+        assert split["bilateral"]["alpha_a"] == split["alpha_p"] / 2
+        # Columns: Cohen's, n_used, p_lower, p_upper, certified_<r>; abstention as certify's rule.
+        for r in rows:
+            p_lower, p_upper = float(r[7]), float(r[8])
+            assert (int(r[2]) >= 0) == (p_lower >= 0.5 or p_lower > p_upper)
+    assert bilateral["forward_passes"]["total"] <= bilateral["forward_passes"]["fixed_n_total"]
+    # A rerun resumes: the files are unchanged.
+    before = (out / "gaussian_l2_bilateral.tsv").read_text()
+    assert cli.main(argv) == 0
+    assert (out / "gaussian_l2_bilateral.tsv").read_text() == before
+
+
 def _certify_cmd(out, cache):
     return [sys.executable, "-m", "soapbubble.cli", "certify", "--dataset", "digits", "--noise", "gaussian",
             "--sigma", "0.25", "--n", "4000", "--n0", "50", "--batch", "500", "--max", "14", "--quiet",
@@ -68,11 +110,13 @@ def _certify_cmd(out, cache):
 
 
 def test_killed_certify_resumes_with_the_same_rows(cache, tmp_path):
+    """Killed mid-run (rows written in groups of 2), a rerun resumes; the rows equal one
+    straight run's, which certifies all 14 rows in one group (grouping changes no row)."""
     env = {**os.environ, "SOAPBUBBLE_CACHE": str(cache)}
     straight = tmp_path / "straight.tsv"
     subprocess.run(_certify_cmd(straight, cache), env=env, check=True, timeout=600)
     killed = tmp_path / "killed.tsv"
-    proc = subprocess.Popen(_certify_cmd(killed, cache), env=env)
+    proc = subprocess.Popen(_certify_cmd(killed, cache) + ["--group", "2"], env=env)
     deadline = time.time() + 300
     while time.time() < deadline:
         if killed.exists() and len(runner.completed_rows(killed)) >= 4:
@@ -82,7 +126,7 @@ def test_killed_certify_resumes_with_the_same_rows(cache, tmp_path):
     proc.wait(timeout=60)
     done_before = len(runner.completed_rows(killed))
     assert 4 <= done_before < 14, "the kill should land mid-run"
-    subprocess.run(_certify_cmd(killed, cache), env=env, check=True, timeout=600)
+    subprocess.run(_certify_cmd(killed, cache) + ["--group", "2"], env=env, check=True, timeout=600)
     strip = lambda rows: [r[:5] for r in rows]  # noqa: E731 (time column aside)
     assert strip(runner.completed_rows(killed)) == strip(runner.completed_rows(straight))
     assert [int(r[0]) for r in runner.completed_rows(killed)] == list(range(14))
@@ -234,3 +278,70 @@ def test_certify_radii_sequential_tsv_resumes_and_analyzes(cache, tmp_path, monk
     assert cli.main(["analyze", str(whole)]) == 0
     out = capsys.readouterr().out
     assert "0.25" in out and "0.5" in out and "0.75" not in out  # exactly the target radii
+
+
+def test_certify_bilateral_fixed_and_sequential_resume_merge_analyze(cache, tmp_path, monkeypatch, capsys):
+    """--bilateral: fixed n and --radii; p_lower and p_upper columns; the split in the sidecar; a rerun
+    resumes, a unilateral rerun on the same file is refused in one line; merge and analyze read it."""
+    import numpy as np
+
+    import soapbubble
+    from soapbubble import noise
+
+    monkeypatch.setenv("SOAPBUBBLE_CACHE", str(cache))
+    base = ["certify", "--dataset", "digits", "--noise", "gaussian", "--sigma", "0.25", "--n", "1000",
+            "--n0", "50", "--batch", "200", "--bilateral", "--quiet"]
+    table = soapbubble.cached_radius_table(noise.Gaussian(0.25), 64, "l2", table_dir=cache / "tables",
+                                           bilateral=True)
+    fixed = tmp_path / "fixed.tsv"
+    assert cli.main(base + ["--max", "2", "--out", str(fixed)]) == 0
+    assert cli.main(base + ["--max", "4", "--out", str(fixed)]) == 0  # resumes after idx 1
+    rows = runner.completed_rows(fixed, ("p_lower", "p_upper"))
+    assert [int(r[0]) for r in rows] == [0, 1, 2, 3]
+    params = json.loads(runner.sidecar_path(fixed).read_text())["parameters"]
+    split = params["alpha_budget"]
+    assert params["bilateral"] is True and split["alpha_p"] == 0.001 and split["bilateral"]["num_classes"] == 10
+    assert split["bilateral"]["alpha_a"] == 0.0005 and "Clopper-Pearson" in split["bilateral"]["construction"]
+    for r in rows:  # the radius is certify's rule at the bounds written (which read back exactly)
+        p_lower, p_upper = float(r[6]), float(r[7])
+        best = max(float(table.radius(p_lower)), float(table.bilateral_radius(p_lower, p_upper)))
+        assert (int(r[2]) >= 0) == (p_lower >= 0.5 or p_lower > p_upper)
+        assert r[3] == runner.format_radius(best if int(r[2]) >= 0 else 0.0)
+    # The same file without --bilateral: refused, one line, exit 2.
+    capsys.readouterr()
+    unilateral = [a for a in base if a != "--bilateral"]
+    assert cli.main(unilateral + ["--max", "4", "--out", str(fixed)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "other parameters" in err and "bilateral" in err
+
+    # The sequential route, in groups, resumed; then as two processes, merged: the same rows.
+    seq = base + ["--radii", "0.25,0.5"]
+    columns = ("n_used", "p_lower", "p_upper", "certified_0.25", "certified_0.5")
+    whole = tmp_path / "whole.tsv"
+    assert cli.main(seq + ["--max", "3", "--group", "2", "--out", str(whole)]) == 0
+    assert cli.main(seq + ["--max", "6", "--group", "4", "--out", str(whole)]) == 0
+    rows = runner.completed_rows(whole, columns)
+    assert [int(r[0]) for r in rows] == list(range(6))
+    split = json.loads(runner.sidecar_path(whole).read_text())["parameters"]["alpha_budget"]
+    assert "mixture" in split["bilateral"]["construction"] and split["bilateral"]["alpha_a"] == 0.0005
+    for r in rows:
+        p_lower, p_upper = float(r[7]), float(r[8])
+        assert (int(r[2]) >= 0) == (p_lower >= 0.5 or p_lower > p_upper) and 0 < int(r[6]) <= 1000
+        reach = max(float(table.radius(p_lower)), float(table.bilateral_radius(p_lower, p_upper)))
+        assert [int(v) for v in r[9:]] == [int(int(r[2]) >= 0 and reach >= t) for t in (0.25, 0.5)]
+    parts = []
+    for p in range(2):
+        part = tmp_path / "run.tsv"
+        assert cli.main(seq + ["--max", "6", "--group", "4", "--process-index", str(p), "--process-count", "2",
+                               "--out", str(part)]) == 0
+        parts.append(str(tmp_path / f"run.part-0000{p}-of-00002.tsv"))
+    merged = tmp_path / "merged.tsv"
+    assert cli.main(["merge", str(merged), *parts]) == 0
+    strip = lambda rs: [r[:5] + r[6:] for r in rs]  # noqa: E731 (time column aside)
+    assert strip(runner.completed_rows(merged, columns)) == strip(rows)
+    assert json.loads(runner.sidecar_path(merged).read_text())["parameters"]["alpha_budget"] == split
+    capsys.readouterr()
+    assert cli.main(["analyze", str(merged)]) == 0
+    out = capsys.readouterr().out
+    assert "alpha_p = 0.001" in out and "0.25" in out and "0.75" not in out
+    assert np.isclose(analyze.read_results(merged).alpha_p, 0.001)
