@@ -1,6 +1,8 @@
-"""The flax ResNets on their own (no torch): sizes, layout, BatchNorm conventions, bad input.
+"""The flax ResNets on their own: sizes, layout, BatchNorm conventions, bad input, and the
+eval-mode formulation (BatchNorm folded into the convolutions) against the reference one.
 
-Equivalence with the PyTorch models is in test_convert.py.
+Equivalence with the PyTorch models is in test_convert.py (and, for the folded
+formulation, once more here when torch is installed).
 """
 
 import jax
@@ -90,8 +92,12 @@ def test_resnet50_size():
 
 
 def test_stride_two_spatial_sizes():
-    """3x3 stride-2 convolutions with padding 1 (PyTorch), not flax's 'SAME' (0, 1)."""
-    model = registry.build("cifar_resnet20")
+    """3x3 stride-2 convolutions with padding 1 (PyTorch), not flax's 'SAME' (0, 1).
+
+    The unfolded formulation, whose convolutions are submodules with captured outputs
+    (the folded one computes the same convolutions with the BatchNorm inside).
+    """
+    model = registry.build("cifar_resnet20").clone(fold_batchnorm=False)
     x = jax.random.uniform(jax.random.key(1), (1, 32, 32, 3))
     variables = random_variables(model, 32, seed=0)
     _, state = model.apply(variables, x, capture_intermediates=True, mutable=["intermediates"])
@@ -190,3 +196,77 @@ def test_bad_images(shape, dtype, match):
     model = registry.build("cifar_resnet20")
     with pytest.raises(ValueError, match=match):
         jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct(shape, dtype))
+
+
+# ----------------------------------------------------------------------------- folded BatchNorm
+
+FOLD_ATOL = 1e-4  # float32 paths must give the reference's logits to 1e-4 (issue 16)
+
+
+def trained_scale_variables(model, side, seed):
+    """:func:`random_variables` with each residual branch's last BatchNorm scale small.
+
+    Trained ResNets keep it small; without that the activations of random weights
+    grow with depth (ResNet-110's logits reach ~1e9 and any absolute tolerance is
+    meaningless). Here the logits stay O(1) at every depth.
+    """
+    rng = np.random.default_rng(seed + 1000)
+    flat = traverse_util.flatten_dict(jax.tree.map(np.asarray, random_variables(model, side, seed)))
+    blocks = {path[1] for path in flat if path[0] == "params" and path[1].startswith("layer")}
+    for block in blocks:
+        last = "bn3" if ("params", block, "bn3", "scale") in flat else "bn2"
+        path = ("params", block, last, "scale")
+        flat[path] = rng.uniform(0.05, 0.2, flat[path].shape).astype(np.float32)
+    return traverse_util.unflatten_dict(flat)
+
+
+@pytest.mark.parametrize(
+    "arch, side, batch", [("cifar_resnet20", 32, 8), ("cifar_resnet110", 32, 4), ("resnet50", 64, 2)]
+)
+def test_folded_batchnorm_matches_reference(arch, side, batch):
+    """Eval mode folds BatchNorm into the convolutions by default; logits equal the unfolded
+    (reference) formulation's to 1e-4, on random weights and statistics."""
+    model = registry.build(arch)
+    assert model.fold_batchnorm
+    variables = trained_scale_variables(model, side, seed=4)
+    x = jax.random.uniform(jax.random.key(5), (batch, side, side, 3))
+    folded = np.asarray(jax.jit(model.apply)(variables, x))
+    reference = np.asarray(jax.jit(model.clone(fold_batchnorm=False).apply)(variables, x))
+    assert np.all(np.isfinite(reference)) and np.abs(reference).max() < 100
+    # logits that differ between images by far more than the tolerance: the check has teeth
+    assert np.abs(reference - reference.mean(axis=0)).max() > 100 * FOLD_ATOL
+    np.testing.assert_allclose(folded, reference, rtol=0, atol=FOLD_ATOL)
+
+
+def test_fold_changes_neither_variables_nor_train_mode():
+    """Same variables (init, names, shapes) and the same train-mode step either way."""
+    folded = registry.build("cifar_resnet20")
+    plain = folded.clone(fold_batchnorm=False)
+    x = jax.random.uniform(jax.random.key(6), (4, 32, 32, 3))
+    init_f, init_p = folded.init(jax.random.key(0), x), plain.init(jax.random.key(0), x)
+    assert jax.tree.structure(init_f) == jax.tree.structure(init_p)
+    assert all(jax.tree.leaves(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), init_f, init_p)))
+    variables = trained_scale_variables(folded, 32, seed=7)
+    out_f, state_f = folded.apply(variables, x, train=True, mutable=["batch_stats"])
+    out_p, state_p = plain.apply(variables, x, train=True, mutable=["batch_stats"])
+    np.testing.assert_array_equal(out_f, out_p)
+    jax.tree.map(np.testing.assert_array_equal, state_f, state_p)
+
+
+@pytest.mark.parametrize("arch", ["cifar_resnet20", "cifar_resnet110"])
+def test_converted_weights_match_pytorch_folded_and_not(arch):
+    """The converter's variables give PyTorch's logits (1e-4) in both formulations."""
+    pytest.importorskip("torch", reason="needs PyTorch (pip install soapbubble[torch])")
+    import test_convert as tc  # its independent PyTorch ResNets (Cohen et al.'s layout)
+
+    from soapbubble.models import convert
+
+    torch_model = tc.cohen_model(arch, seed=11)
+    variables = convert.convert_state_dict(arch, torch_model.state_dict()).variables
+    x = tc.random_images(12, 4, 32)
+    expected = tc.torch_logits(torch_model, x)
+    assert np.abs(expected - expected.mean(axis=0)).max() > 100 * FOLD_ATOL
+    model = registry.build(arch)
+    for module in (model, model.clone(fold_batchnorm=False)):
+        got = np.asarray(jax.jit(module.apply)(variables, x))
+        np.testing.assert_allclose(got, expected, rtol=0, atol=FOLD_ATOL)

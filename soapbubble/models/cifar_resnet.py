@@ -100,6 +100,51 @@ def normalize(x: jax.Array, mean: Sequence[float], std: Sequence[float]) -> jax.
     return (x - mean) / std
 
 
+def conv_bn(
+    parent: nn.Module,
+    x: jax.Array,
+    features: int,
+    kernel: int,
+    stride: int,
+    padding: int,
+    conv_name: str,
+    bn_name: str,
+    train: bool,
+    fold: bool = True,
+) -> jax.Array:
+    """``batch_norm(bn_name)(conv(conv_name)(x))`` inside ``parent``'s compact ``__call__``.
+
+    In eval mode with ``fold`` (and once the variables exist), BatchNorm's running
+    statistics are folded into the convolution: with ``m = scale / sqrt(var + eps)``,
+    ``BN(conv(x, k)) = conv(x, k * m) + (bias - mean * m)``. One convolution and a bias
+    add replace a convolution and a separate normalization pass over its output: the
+    same function up to float rounding (logits within about 1e-6 of the unfolded
+    model); on a 2-core CPU the ResNet-20 forward pass is about 12% faster, ResNet-110's
+    no slower (``docs/guides/cpu_performance.md``). The variables are the same
+    (``conv_name/kernel``, ``bn_name/{scale, bias}``, ``batch_stats/bn_name/{mean,
+    var}``) and are read as they are, so checkpoints and the converter are unaffected;
+    the fold is computed inside the jitted forward (a few hundred thousand
+    multiplications, nothing next to the convolutions). Train mode and ``init`` take
+    the unfolded path (batch statistics, running-average updates).
+    """
+    if train or not fold or parent.is_initializing():
+        return batch_norm(train, bn_name)(conv(features, kernel, stride, padding, conv_name)(x))
+    k = parent.variables["params"][conv_name]["kernel"]
+    bn = parent.variables["params"][bn_name]
+    stats = parent.variables["batch_stats"][bn_name]
+    # flax's BatchNorm: (y - mean) * (scale * rsqrt(var + eps)) + bias.
+    m = bn["scale"] * jax.lax.rsqrt(stats["var"] + BN_EPSILON)
+    dtype = jnp.result_type(x, k)
+    y = jax.lax.conv_general_dilated(
+        x.astype(dtype),
+        (k * m).astype(dtype),
+        (stride, stride),
+        ((padding, padding), (padding, padding)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    )
+    return y + (bn["bias"] - stats["mean"] * m).astype(dtype)
+
+
 class BasicBlock(nn.Module):
     """Two 3x3 conv-BN layers with an identity or 1x1 conv-BN shortcut.
 
@@ -108,22 +153,24 @@ class BasicBlock(nn.Module):
       stride: stride of the first convolution (and of the shortcut).
       downsample: whether the shortcut is a 1x1 convolution + BatchNorm
         (``downsample.0`` / ``downsample.1`` in the PyTorch state_dict).
+      fold_batchnorm: in eval mode, fold BatchNorm into the convolutions (:func:`conv_bn`).
     """
 
     planes: int
     stride: int = 1
     downsample: bool = False
+    fold_batchnorm: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        out = conv(self.planes, 3, self.stride, 1, "conv1")(x)
-        out = nn.relu(batch_norm(train, "bn1")(out))
-        out = conv(self.planes, 3, 1, 1, "conv2")(out)
-        out = batch_norm(train, "bn2")(out)
+        fold = self.fold_batchnorm
+        out = nn.relu(conv_bn(self, x, self.planes, 3, self.stride, 1, "conv1", "bn1", train, fold))
+        out = conv_bn(self, out, self.planes, 3, 1, 1, "conv2", "bn2", train, fold)
         residual = x
         if self.downsample:
-            residual = conv(self.planes, 1, self.stride, 0, "downsample_0")(x)
-            residual = batch_norm(train, "downsample_1")(residual)
+            residual = conv_bn(
+                self, x, self.planes, 1, self.stride, 0, "downsample_0", "downsample_1", train, fold
+            )
         return nn.relu(out + residual)
 
 
@@ -134,6 +181,9 @@ class CifarResNet(nn.Module):
       depth: 20, 56, 110, ... (any ``6n + 2`` with ``n >= 1``).
       num_classes: number of logits.
       mean, std: per-channel normalization applied first (CIFAR-10 constants).
+      fold_batchnorm: in eval mode, fold each BatchNorm into the convolution before it
+        (:func:`conv_bn`; the default, faster on a CPU). ``False`` keeps the separate
+        BatchNorm layers (the reference formulation); the variables are the same.
 
     Call: ``(x: float[B, H, W, 3] in [0, 1], train: bool = False) -> float[B, num_classes]``.
     ``H = W = 32`` for CIFAR; other sizes work (pooling is global).
@@ -143,14 +193,14 @@ class CifarResNet(nn.Module):
     num_classes: int = 10
     mean: tuple[float, ...] = CIFAR10_MEAN
     std: tuple[float, ...] = CIFAR10_STD
+    fold_batchnorm: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         n = blocks_per_stage(self.depth)
         check_images(x)
         x = normalize(x, self.mean, self.std)
-        x = conv(16, 3, 1, 1, "conv1")(x)
-        x = nn.relu(batch_norm(train, "bn1")(x))
+        x = nn.relu(conv_bn(self, x, 16, 3, 1, 1, "conv1", "bn1", train, self.fold_batchnorm))
         inplanes = 16
         for stage, planes in enumerate((16, 32, 64)):
             for i in range(n):
@@ -159,6 +209,7 @@ class CifarResNet(nn.Module):
                     planes,
                     stride,
                     downsample=(stride != 1 or inplanes != planes),
+                    fold_batchnorm=self.fold_batchnorm,
                     name=f"layer{stage + 1}_{i}",
                 )(x, train)
                 inplanes = planes

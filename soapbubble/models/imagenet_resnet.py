@@ -30,10 +30,9 @@ import jax
 import jax.numpy as jnp
 
 from soapbubble.models.cifar_resnet import (
-    batch_norm,
     check_head,
     check_images,
-    conv,
+    conv_bn,
     normalize,
 )
 from soapbubble.models.registry import register
@@ -52,21 +51,26 @@ class Bottleneck(nn.Module):
       planes: width of the 1x1 and 3x3 convolutions; the block outputs ``4 * planes``.
       stride: stride of the 3x3 convolution and of the shortcut.
       downsample: whether the shortcut is a 1x1 convolution + BatchNorm.
+      fold_batchnorm: in eval mode, fold BatchNorm into the convolutions
+        (:func:`soapbubble.models.cifar_resnet.conv_bn`).
     """
 
     planes: int
     stride: int = 1
     downsample: bool = False
+    fold_batchnorm: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        out = nn.relu(batch_norm(train, "bn1")(conv(self.planes, 1, 1, 0, "conv1")(x)))
-        out = nn.relu(batch_norm(train, "bn2")(conv(self.planes, 3, self.stride, 1, "conv2")(out)))
-        out = batch_norm(train, "bn3")(conv(4 * self.planes, 1, 1, 0, "conv3")(out))
+        p, fold = self.planes, self.fold_batchnorm
+        out = nn.relu(conv_bn(self, x, p, 1, 1, 0, "conv1", "bn1", train, fold))
+        out = nn.relu(conv_bn(self, out, p, 3, self.stride, 1, "conv2", "bn2", train, fold))
+        out = conv_bn(self, out, 4 * p, 1, 1, 0, "conv3", "bn3", train, fold)
         residual = x
         if self.downsample:
-            residual = conv(4 * self.planes, 1, self.stride, 0, "downsample_0")(x)
-            residual = batch_norm(train, "downsample_1")(residual)
+            residual = conv_bn(
+                self, x, 4 * p, 1, self.stride, 0, "downsample_0", "downsample_1", train, fold
+            )
         return nn.relu(out + residual)
 
 
@@ -77,6 +81,8 @@ class ImageNetResNet(nn.Module):
       stage_sizes: blocks per stage; (3, 4, 6, 3) is ResNet-50.
       num_classes: number of logits.
       mean, std: per-channel normalization applied first (ImageNet constants).
+      fold_batchnorm: in eval mode, fold each BatchNorm into the convolution before it
+        (the default; ``False`` keeps separate BatchNorm layers, same variables).
 
     Call: ``(x: float[B, H, W, 3] in [0, 1], train: bool = False) -> float[B, num_classes]``
     (224 x 224 for ImageNet; pooling is global, so other sizes work).
@@ -86,13 +92,13 @@ class ImageNetResNet(nn.Module):
     num_classes: int = 1000
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
+    fold_batchnorm: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         check_images(x)
         x = normalize(x, self.mean, self.std)
-        x = conv(64, 7, 2, 3, "conv1")(x)
-        x = nn.relu(batch_norm(train, "bn1")(x))
+        x = nn.relu(conv_bn(self, x, 64, 7, 2, 3, "conv1", "bn1", train, self.fold_batchnorm))
         # PyTorch's MaxPool2d(3, 2, padding=1) pads with -inf, as flax's max_pool does.
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         inplanes = 64
@@ -103,6 +109,7 @@ class ImageNetResNet(nn.Module):
                     planes,
                     stride,
                     downsample=(stride != 1 or inplanes != 4 * planes),
+                    fold_batchnorm=self.fold_batchnorm,
                     name=f"layer{stage + 1}_{i}",
                 )(x, train)
                 inplanes = 4 * planes
