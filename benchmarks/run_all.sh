@@ -29,12 +29,14 @@ run() {
 
 run benchmarks/bench_samplers.py
 run benchmarks/bench_bounds.py "${QUICK[@]}"
+run benchmarks/bench_mixed_tightness.py "${QUICK[@]}"
 # bench_certify_overhead.py has no --quick; a smaller n stands in for it.
 if [ ${#QUICK[@]} -gt 0 ]; then
   run benchmarks/bench_certify_overhead.py --n 10000 --repeats 3
 else
   run benchmarks/bench_certify_overhead.py
 fi
+run benchmarks/bench_many_inputs.py "${QUICK[@]}"
 run benchmarks/bench_vs_cohen.py "${QUICK[@]}"
 run benchmarks/bench_scaling.py "${QUICK[@]}"
 run benchmarks/bench_sequential.py "${QUICK[@]}"
@@ -47,4 +49,5 @@ fi
 if [ "$GPU" = 1 ]; then
   run benchmarks/bench_vs_cohen.py --gpu "${QUICK[@]}"
 fi
-echo "Wrote benchmarks/RESULTS.md" >&2
+"$PYTHON" benchmarks/summarize.py  # the README's performance paragraph, from RESULTS.md
+echo "Wrote benchmarks/RESULTS.md and README.md's performance paragraph" >&2

@@ -46,7 +46,7 @@ from soapbubble.noise import (
     matched_sigma_expected_norm,
 )
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 _LAZY = ("data", "models", "train", "analyze", "runner", "main_job")
 

@@ -187,10 +187,10 @@ def _certify(args) -> int:
     out = merge.part_path(args.out, process_index, process_count)
     if process_count > 1:
         parameters[merge.SHARD_KEY] = merge.shard_parameters(process_index, process_count, args.skip, total)
-    rows = ((i, *dataset[i]) for i in indices)  # skipped rows are never decoded
     bar = None if args.quiet else (lambda it: tqdm(it, total=len(indices), desc="certify", unit="img"))
-    result = runner.run_dataset(rows, certify_row, out, parameters, skip=args.skip, max_index=args.max,
-                                progress=bar, columns=columns, group=group)
+    # Only the rows certified are decoded (not the skipped ones, nor those a resumed file has).
+    result = runner.run_dataset(indices, certify_row, out, parameters, skip=args.skip, max_index=args.max,
+                                progress=bar, columns=columns, group=group, load=dataset.__getitem__)
     resumed = "" if result.resumed_after is None else f" (resumed after idx {result.resumed_after})"
     share = "" if process_count == 1 else f" (process {process_index} of {process_count})"
     print(f"soapbubble certify: {result.written} rows written to {os.fspath(out)}{resumed}{share}")

@@ -214,7 +214,7 @@ def check_row_ids(row_ids: Any, rows: int, batched: bool) -> np.ndarray:
         raise ValueError("row_ids needs batched=True (one input draws with the key itself)")
     ids = np.asarray(row_ids)
     if ids.shape != (rows,) or not np.issubdtype(ids.dtype, np.integer):
-        raise ValueError(f"row_ids must be {rows} integers (one per row of x), got {ids.dtype} of shape {ids.shape}")
+        raise ValueError(f"row_ids must be {rows} integers (one per row of the inputs), got {ids.dtype} of shape {ids.shape}")
     if np.any(ids < 0) or np.any(ids > np.iinfo(np.uint32).max):
         raise ValueError("row_ids must be in [0, 2**32 - 1]")
     return ids.astype(np.uint32)

@@ -126,11 +126,12 @@ def run_dataset(
     progress: Callable[[Iterator], Iterator] | None = None,
     columns: tuple[str, ...] = (),
     group: int = 1,
+    load: Callable[[int], tuple[Any, int]] | None = None,
 ) -> RunResult:
     """Certifies ``rows`` into ``out_path``, resuming after the last complete row.
 
     Args:
-      rows: ``(idx, x, label)`` in increasing ``idx``.
+      rows: ``(idx, x, label)`` in increasing ``idx``; with ``load``, the ``idx`` alone.
       certify_row: ``(idx, x) -> (prediction, radius)``, prediction -1 for abstain.
         It derives its randomness from ``idx`` (e.g. ``fold_in(key, idx)``). With
         several outputs it returns ``{name: (prediction, radius)}``.
@@ -150,6 +151,9 @@ def run_dataset(
         of idx and a list of inputs and returns a list of results (one compiled
         call for many small inputs); each row's time is the group's time over
         its rows. Rows are still written, flushed and resumed one by one.
+      load: ``idx -> (x, label)``, called only for the rows certified: skipped
+        rows, rows past ``max_index`` and rows a resumed file already has are
+        never loaded (decoding a test set's images is not free).
 
     Returns:
       A :class:`RunResult` (for several outputs: the first one's path, rows
@@ -173,12 +177,13 @@ def run_dataset(
     written = 0
 
     def selected():
-        for idx, x, label in rows:
+        for item in rows:
+            idx = item if load is not None else item[0]
             if max_index is not None and idx >= max_index:
                 return
             if idx % skip != 0 or idx <= first_needed:
                 continue
-            yield idx, x, label
+            yield (idx, *load(idx)) if load is not None else item
 
     iterator = selected()
     if progress is not None:

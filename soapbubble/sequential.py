@@ -468,17 +468,6 @@ def _bucket(rows: int, n_dev: int, pool: int) -> int:
     return max(pool, 1 << max(per - 1, 0).bit_length())
 
 
-def _check_ids(row_ids: Any, rows: int) -> np.ndarray:
-    if row_ids is None:
-        return np.arange(rows, dtype=np.int64)
-    ids = np.asarray(row_ids)
-    if ids.shape != (rows,) or not np.issubdtype(ids.dtype, np.integer):
-        raise ValueError(f"row_ids must be {rows} integers (one per row of xs), got {ids.dtype} of shape {ids.shape}")
-    if np.any(ids < 0) or np.any(ids > np.iinfo(np.uint32).max):
-        raise ValueError("row_ids must be in [0, 2**32 - 1]")
-    return ids.astype(np.int64)
-
-
 def _round32(x: np.ndarray, up: bool) -> np.ndarray:
     """float64 to float32, rounded up or down (never to the other side of ``x``)."""
     x32 = x.astype(np.float32)
@@ -569,7 +558,7 @@ def _sequential(key, logits_fn, xs, family, radii_for, *, attack, n0, max_n, alp
     mesh = counting.local_mesh()
     pool = batch_size // CHUNK
     rows = s.xs.shape[0]
-    ids = _check_ids(row_ids, rows)
+    ids = protocol.check_row_ids(row_ids, rows, batched=True).astype(np.int64)
     per_dev = _bucket(rows, mesh.size, pool)
     padded = jnp.zeros((per_dev * mesh.size, *s.input_shape), s.xs.dtype).at[:rows].set(s.xs)
     padded_ids = np.zeros(per_dev * mesh.size, np.uint32)

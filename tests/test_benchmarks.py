@@ -25,3 +25,11 @@ def test_bench_samplers_runs_small():
     assert [r[0] for r in rows] == ["Gaussian", "L2Family", "MixedLinf", "PureLinf"], out
     assert all(int(a.replace(",", "")) > 0 and int(b.replace(",", "")) > 0 for _, a, b in rows)
     assert "soapbubble / numpy inversion" in out and "RESULTS.md" not in out
+
+
+def test_readme_performance_paragraph_is_generated_from_results():
+    """README.md's "Performance, in short" is what benchmarks/summarize.py writes from RESULTS.md."""
+    done = subprocess.run([sys.executable, "benchmarks/summarize.py", "--check"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, "README.md's performance paragraph is stale: run benchmarks/summarize.py\n" + (
+        done.stdout + done.stderr)

@@ -72,6 +72,24 @@ def test_interrupted_run_resumes_without_loss_or_duplicates(tmp_path):
     assert runner.run_dataset(fake_rows(20), fake_certify, out, PARAMS).written == 0
 
 
+def test_load_is_called_only_for_the_rows_certified(tmp_path):
+    """With load=, skipped rows and rows a resumed file already has are never loaded."""
+    out, loaded = tmp_path / "lazy.tsv", []
+
+    def load(idx):
+        loaded.append(idx)
+        return None, idx % 3
+
+    runner.run_dataset(range(6), fake_certify, out, PARAMS, skip=2, load=load)
+    assert loaded == [0, 2, 4]
+    loaded.clear()
+    result = runner.run_dataset(range(12), fake_certify, out, PARAMS, skip=2, load=load)
+    assert loaded == [6, 8, 10] and result.resumed_after == 4
+    straight = tmp_path / "straight.tsv"
+    runner.run_dataset(fake_rows(12), fake_certify, straight, PARAMS, skip=2)
+    assert strip_time(runner.completed_rows(out)) == strip_time(runner.completed_rows(straight))
+
+
 def test_skip_and_max_as_cohen(tmp_path):
     out = tmp_path / "skip.tsv"
     runner.run_dataset(fake_rows(30), fake_certify, out, PARAMS, skip=4, max_index=21)
