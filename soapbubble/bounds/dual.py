@@ -355,8 +355,11 @@ def negated_statistics(stats: RatioStats) -> RatioStats:
 # --------------------------------------------------------------------------- log W
 
 
-def _log_w(kind, attack, family, stats, d, r):
-    """log W at a scalar radius ``r`` (float64; traced ``r`` allowed)."""
+def _log_w(kind, attack, family, stats, d, r, log_linf=None):
+    """log W at a scalar radius ``r`` (float64; traced ``r`` allowed).
+
+    ``log_linf``: ``log(stats.linf)`` computed once by a caller looping over radii.
+    """
     sigma2 = jnp.asarray(family.sigma, _F64) ** 2
     k = family.k
     if kind == "l2":
@@ -372,7 +375,7 @@ def _log_w(kind, attack, family, stats, d, r):
         out = -(d * r * r - 2.0 * r * zsum) / (2.0 * sigma2)
         if k:
             shifted = jnp.maximum(zmax - r, r - zmin)  # ||z - r 1||_inf
-            out = out - k * (jnp.log(shifted) - jnp.log(linf))
+            out = out - k * (jnp.log(shifted) - (jnp.log(linf) if log_linf is None else log_linf))
     # delta = 0 gives W = 1 exactly, also at z = 0 where the formula is 0/0.
     return jnp.where(r == 0, 0.0, out)
 
@@ -566,13 +569,14 @@ def _maurer_pontil(variance, n, delta):
 @functools.partial(jax.jit, static_argnames=("kind", "attack", "d"))
 def _p_min_core(family, stats, negated, radii, lambdas, delta, slack, kind, attack, d):
     n = stats[0].shape[0]
+    log_linf = jnp.log(stats[0]) if kind == "mixed" else None  # the same for z and -z, at every radius
 
     def one_radius(args):
         r, lams = args
         # Y averages z and -z (antithetic): both have the law pi0, and their ratios
         # move in opposite directions, which lowers the variance of Y.
-        w = jnp.exp(_log_w(kind, attack, family, stats, d, r))[:, None]
-        w_neg = jnp.exp(_log_w(kind, attack, family, negated, d, r))[:, None]
+        w = jnp.exp(_log_w(kind, attack, family, stats, d, r, log_linf))[:, None]
+        w_neg = jnp.exp(_log_w(kind, attack, family, negated, d, r, log_linf))[:, None]
         y = 0.5 * (jnp.maximum(1.0 - w / lams, 0.0) + jnp.maximum(1.0 - w_neg / lams, 0.0))
         mean = jnp.mean(y, axis=0)
         variance = jnp.sum(jnp.square(y - mean), axis=0) / (n - 1)

@@ -25,7 +25,7 @@ Alpha accounting: a Monte Carlo table holds, with probability at least
 ``alpha / m`` (union bound over the ``m`` radii; the radius returned by a lookup
 depends on the data, so all radii must hold together). That bound is
 :func:`soapbubble.bounds.dual.p_min_bound`: an empirical Bernstein bound on ``D``
-at three lambdas per radius chosen on an independent pilot sample (``n / 20``),
+at three lambdas per radius chosen on an independent pilot sample (``n / 40``),
 which near ``p = 1`` is several times tighter than a DKW band over all lambdas. Exact routes hold
 deterministically (their quadrature error is added to ``p_min``), so their
 ``alpha_d`` is 0. A certificate that combines a table with a Clopper-Pearson
@@ -143,9 +143,9 @@ BILATERAL_SETTINGS = {"t_max": _V_T, "t_step": _V_STEP, "exact_radii": _EXACT_V_
 # Float error margin of the closed form Phi(Phi^-1(p) - s) (a few 1e-16 in fact).
 _CLOSED_FORM_V_MARGIN = 1e-13
 _U = 2.0**-53
-# Monte Carlo p_min (dual.p_min_bound): a pilot of n_samples / 20 picks the lambdas,
+# Monte Carlo p_min (dual.p_min_bound): a pilot of n_samples / 40 picks the lambdas,
 # three per radius within exp(+-0.1) of the pilot's optimum.
-_PILOT_FRACTION = 20
+_PILOT_FRACTION = 40
 _BOUND_LAMBDAS = 3
 _BOUND_WIDTH = 0.1
 
@@ -626,7 +626,7 @@ def radius_table(
       attack: ``"l2"`` or ``"linf"``.
       radii: increasing grid of radii ``>= 0`` (default :func:`default_radii`).
       n_samples: Monte Carlo samples (Monte Carlo route, >= 2), plus a pilot of
-        ``n_samples // 20`` (at least 1) that chooses the lambdas.
+        ``n_samples // 40`` (at least 1) that chooses the lambdas.
       alpha_d: failure probability of the whole table (Monte Carlo route), split
         evenly over the radii.
       route: ``"auto"`` (closed form for Gaussian, exact quadrature for
