@@ -115,7 +115,8 @@ def paragraph(results: str) -> str:
         f"**{default[3]}x** Cohen et al.'s PyTorch `Smooth.certify` with the same weights at its best batch size "
         f"({default[2]}x their code as published). Certify costs {ov_default}x the bare jitted forward pass on "
         f"the same noisy samples (`bench_certify_overhead.py`, N = 100,000; {ov_resnet}x for a CIFAR ResNet-20).",
-        f"- **CIFAR ResNet-20 and ResNet-110** (N = {r20[0]} and {r110[0]}): **{r20[2]}x and {r110[2]}x** "
+        f"- **CIFAR ResNet-20 and ResNet-110** (N = {r20[0] if r20[0] == r110[0] else r20[0] + ' and ' + r110[0]}): "
+        f"**{r20[2]}x and {r110[2]}x** "
         "PyTorch's best: the time is almost all forward pass, and XLA:CPU's convolutions are slower than "
         "oneDNN's here (what was tried and where the time goes: `docs/guides/cpu_performance.md`). "
         f"{gpu_line}",
