@@ -22,7 +22,6 @@ import importlib.metadata
 import inspect
 import os
 import pathlib
-import pkgutil
 import re
 import sys
 
@@ -32,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 # Importing soapbubble must not touch the user's cache (autodoc only imports; nothing here runs).
 os.environ.setdefault("MPLBACKEND", "Agg")
 
-import soapbubble
+from soapbubble._modules import public_modules
 
 project = "soapbubble"
 author = "the soapbubble authors"
@@ -75,15 +74,6 @@ html_static_path: list[str] = []
 
 
 # ----------------------------------------------------------------------------- public modules
-
-
-def public_modules() -> list[str]:
-    """Every module of the package whose dotted name has no ``_``-prefixed part."""
-    names = ["soapbubble"]
-    for info in pkgutil.walk_packages(soapbubble.__path__, "soapbubble."):
-        if not any(part.startswith("_") for part in info.name.split(".")):
-            names.append(info.name)
-    return sorted(names)
 
 
 def _canonical(module: str, name: str, obj, modules: dict) -> str | None:

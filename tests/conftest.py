@@ -1,11 +1,12 @@
 """Shared helpers: statistical thresholds derived from the sample size."""
 
 import math
-import pkgutil
 
 import numpy as np
 import pytest
 import scipy.stats
+
+from soapbubble._modules import public_modules  # noqa: F401 (test_docs, test_doctests; docs/conf.py walks the same)
 
 # False-rejection rate of every goodness-of-fit check below (keys are fixed, so a
 # check either always passes or always fails; this sets how strict it is).
@@ -40,13 +41,3 @@ def chi2_pvalue(counts, probs) -> float:
 def rng():
     return np.random.default_rng(20261126)
 
-
-def public_modules() -> list[str]:
-    """Every soapbubble module whose dotted name has no ``_``-prefixed part (docs/conf.py lists the same)."""
-    import soapbubble
-
-    names = ["soapbubble"]
-    for info in pkgutil.walk_packages(soapbubble.__path__, "soapbubble."):
-        if not any(part.startswith("_") for part in info.name.split(".")):
-            names.append(info.name)
-    return sorted(names)
